@@ -1,0 +1,629 @@
+//! The user-facing configuration: YAML files in a directory → a validated [`Config`].
+//!
+//! Owns reading the config directory (a mounted ConfigMap: every `*.yaml`/`*.yml`,
+//! hidden `..data` entries skipped, symlinks followed), `${VAR}` interpolation,
+//! strict parsing (unknown fields and duplicate keys are errors) and every
+//! cross-file check (unique names, known cluster references, unique listen
+//! addresses). Every problem becomes a [`Diagnostic`] naming the file, line,
+//! column and field. A `Config` that exists is valid: `table::compile` turns it
+//! into the runtime snapshot without checking anything again.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::{Location, Spanned};
+
+/// A complete, validated configuration, merged from every file of the directory.
+#[derive(Debug)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// One `listeners[]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique across all files; the `listener` label in metrics.
+    pub name: Spanned<String>,
+    /// `IP:PORT`; port 0 binds an ephemeral port (reported in logs and `/config`).
+    pub listen: Spanned<ListenAddr>,
+    /// Default `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Every connection goes to this cluster. Exactly one of `cluster` and `split`.
+    pub cluster: Option<Spanned<String>>,
+    /// New connections are spread over clusters by weight.
+    pub split: Option<Spanned<Vec<SplitConfig>>>,
+}
+
+/// One weighted target of a `split`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub cluster: Spanned<String>,
+    /// Relative weight; 0 takes the cluster out of rotation.
+    pub weight: u32,
+}
+
+/// One `clusters[]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Unique across all files; the `cluster` label in metrics.
+    pub name: Spanned<String>,
+    /// `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT`; at least one.
+    pub endpoints: Spanned<Vec<Spanned<EndpointConfig>>>,
+    /// Default `round_robin`.
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Per attempt; a timed-out endpoint is skipped for the next. Default 5s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+}
+
+/// Listener protocols. HTTP arrives with its own issue; until then `http` is an
+/// unknown variant, rejected with the list of what exists.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+}
+
+/// Load-balancing policies.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+}
+
+/// A listen address: an IP literal and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+/// An upstream endpoint as written (`10.0.0.7:5432`, `localhost:6379`) and the
+/// socket address it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub written: String,
+    pub addr: SocketAddr,
+}
+
+/// A duration written as `250ms`, `5s`, `1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// Everything wrong with a config directory, one [`Diagnostic`] per problem.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One problem: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is not tied to a line (an unreadable file).
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+/// The parsed content of one file, before the cross-file checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    clusters: Vec<ClusterConfig>,
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, interpolates, parses and validates every `*.yaml`/`*.yml` file in `dir`.
+    pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+        let files = config_files(dir).map_err(|e| ConfigError::single(dir, 0, 0, e))?;
+        Config::from_sources(files.into_iter().map(|path| {
+            let text = std::fs::read_to_string(&path);
+            (path, text)
+        }))
+    }
+
+    /// Parses and validates already-read sources (file name, contents), in order.
+    pub fn from_sources(
+        sources: impl IntoIterator<Item = (PathBuf, std::io::Result<String>)>,
+    ) -> Result<Config, ConfigError> {
+        let mut diagnostics = Vec::new();
+        let mut parsed = Vec::new();
+        for (path, text) in sources {
+            let text = match text {
+                Ok(text) => text,
+                Err(e) => {
+                    diagnostics.push(Diagnostic::new(&path, 0, 0, format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            match parse_file(&text, |name| std::env::var(name).ok()) {
+                Ok(file) => parsed.push((path, file)),
+                Err(mut d) => {
+                    d.file = path;
+                    diagnostics.push(d);
+                }
+            }
+        }
+        let config = merge(parsed, &mut diagnostics);
+        if diagnostics.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { diagnostics })
+        }
+    }
+}
+
+/// The config files of `dir`, sorted by name so that merging is deterministic.
+/// Hidden entries are skipped: in a ConfigMap volume they are the kubelet's
+/// `..data` and timestamped directories, whose files also appear as visible symlinks.
+fn config_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read config directory: {e}"))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read config directory: {e}"))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        // `metadata` follows symlinks, as the kubelet's visible files are.
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Interpolates and parses one file. The returned diagnostic has no file name yet.
+fn parse_file(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<FileConfig, Diagnostic> {
+    let text = interpolate(text, env)?;
+    if is_blank_yaml(&text) {
+        // An empty ConfigMap key is a valid, empty file.
+        return Ok(FileConfig::default());
+    }
+    serde_saphyr::from_str::<FileConfig>(&text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let mut message = e.without_snippet().to_string();
+        // Strip the parser's own "at line X column Y" suffix: the prefix says it.
+        if let Some(at) = message.find(" at line ") {
+            message.truncate(at);
+        }
+        if let Some(key) = message.strip_prefix("duplicate mapping key: ") {
+            let key = key.split(',').next().unwrap_or(key).trim();
+            message = format!("duplicate key \"{key}\" (each key may appear once per mapping)");
+        }
+        // A type or value error points at the value; name the key written on that line.
+        // Missing/unknown-field and duplicate-key messages name their field already.
+        let names_its_field = ["missing field", "unknown field", "duplicate key"]
+            .iter()
+            .any(|p| message.starts_with(p));
+        if !names_its_field && let Some(key) = key_at_line(&text, line) {
+            message = format!("field \"{key}\": {message}");
+        }
+        Diagnostic::new(Path::new(""), line, column, message)
+    })
+}
+
+fn is_blank_yaml(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---"
+    })
+}
+
+/// The mapping key written on `line` (1-based), if that line has one: the field
+/// a type error is about.
+fn key_at_line(text: &str, line: u64) -> Option<&str> {
+    let line = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let line = line.trim_start().trim_start_matches("- ").trim_start();
+    let (key, _) = line.split_once(':')?;
+    let valid = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    valid.then_some(key)
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with values from `env`; `$${` is a literal `${`.
+/// An unset variable without default is an error at its position.
+fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String, Diagnostic> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if tail.starts_with("$${") {
+            out.push_str("${");
+            rest = &tail[3..];
+            continue;
+        }
+        if !tail.starts_with("${") {
+            out.push('$');
+            rest = &tail[1..];
+            continue;
+        }
+        let offset = text.len() - tail.len();
+        let (line, column) = line_column(text, offset);
+        let Some(end) = tail.find('}') else {
+            return Err(Diagnostic::new(
+                Path::new(""),
+                line,
+                column,
+                "unterminated \"${\": write ${VAR} or ${VAR:-default} (or $${ for a literal)"
+                    .to_string(),
+            ));
+        };
+        let expr = &tail[2..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (expr, None),
+        };
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name {
+            return Err(Diagnostic::new(
+                Path::new(""),
+                line,
+                column,
+                format!("invalid variable name \"{name}\" in \"${{{expr}}}\""),
+            ));
+        }
+        match (env(name), default) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(Diagnostic::new(
+                    Path::new(""),
+                    line,
+                    column,
+                    format!(
+                        "environment variable \"{name}\" is not set (write ${{{name}:-default}} to give a default)"
+                    ),
+                ));
+            }
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (u64, u64) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line as u64, column as u64)
+}
+
+/// Merges the files and runs every cross-file check, pushing what is wrong.
+fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -> Config {
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    let mut listener_files = Vec::new();
+    let mut cluster_files = Vec::new();
+    for (path, file) in files {
+        for l in file.listeners {
+            listener_files.push(path.clone());
+            listeners.push(l);
+        }
+        for c in file.clusters {
+            cluster_files.push(path.clone());
+            clusters.push(c);
+        }
+    }
+
+    let mut at = |file: &Path, loc: &Location, message: String| {
+        diagnostics.push(Diagnostic::new(file, loc.line(), loc.column(), message));
+    };
+
+    let mut cluster_names: HashMap<&str, (&Path, &Location)> = HashMap::new();
+    for (c, file) in clusters.iter().zip(&cluster_files) {
+        let name = c.name.value.as_str();
+        if let Err(why) = check_name(name) {
+            at(file, &c.name.referenced, format!("field \"name\": {why}"));
+        }
+        if let Some((first_file, first)) = cluster_names.get(name) {
+            at(
+                file,
+                &c.name.referenced,
+                format!(
+                    "field \"name\": duplicate cluster name \"{name}\" (first defined at {}:{})",
+                    first_file.display(),
+                    first.line()
+                ),
+            );
+        } else {
+            cluster_names.insert(name, (file, &c.name.referenced));
+        }
+        if c.endpoints.value.is_empty() {
+            at(
+                file,
+                &c.endpoints.referenced,
+                format!("field \"endpoints\": cluster \"{name}\" needs at least one endpoint"),
+            );
+        }
+    }
+
+    let mut listener_names: HashMap<&str, (&Path, &Location)> = HashMap::new();
+    let mut listen_addrs: HashMap<SocketAddr, (&Path, &Location)> = HashMap::new();
+    for (l, file) in listeners.iter().zip(&listener_files) {
+        let name = l.name.value.as_str();
+        if let Err(why) = check_name(name) {
+            at(file, &l.name.referenced, format!("field \"name\": {why}"));
+        }
+        if let Some((first_file, first)) = listener_names.get(name) {
+            at(
+                file,
+                &l.name.referenced,
+                format!(
+                    "field \"name\": duplicate listener name \"{name}\" (first defined at {}:{})",
+                    first_file.display(),
+                    first.line()
+                ),
+            );
+        } else {
+            listener_names.insert(name, (file, &l.name.referenced));
+        }
+        let addr = l.listen.value.0;
+        if addr.port() != 0 {
+            if let Some((first_file, first)) = listen_addrs.get(&addr) {
+                at(
+                    file,
+                    &l.listen.referenced,
+                    format!(
+                        "field \"listen\": address {addr} is already used by another listener (at {}:{})",
+                        first_file.display(),
+                        first.line()
+                    ),
+                );
+            } else {
+                listen_addrs.insert(addr, (file, &l.listen.referenced));
+            }
+        }
+        match (&l.cluster, &l.split) {
+            (Some(c), None) => {
+                if !cluster_names.contains_key(c.value.as_str()) {
+                    at(file, &c.referenced, unknown_cluster(&c.value, &cluster_names));
+                }
+            }
+            (None, Some(split)) => {
+                if split.value.is_empty() {
+                    at(
+                        file,
+                        &split.referenced,
+                        "field \"split\": needs at least one { cluster, weight }".to_string(),
+                    );
+                } else if split.value.iter().all(|s| s.weight == 0) {
+                    at(
+                        file,
+                        &split.referenced,
+                        "field \"split\": at least one weight must be above 0".to_string(),
+                    );
+                }
+                let mut seen = HashSet::new();
+                for s in &split.value {
+                    if !cluster_names.contains_key(s.cluster.value.as_str()) {
+                        at(
+                            file,
+                            &s.cluster.referenced,
+                            unknown_cluster(&s.cluster.value, &cluster_names),
+                        );
+                    } else if !seen.insert(s.cluster.value.as_str()) {
+                        at(
+                            file,
+                            &s.cluster.referenced,
+                            format!(
+                                "field \"cluster\": cluster \"{}\" appears twice in this split",
+                                s.cluster.value
+                            ),
+                        );
+                    }
+                }
+            }
+            (Some(_), Some(split)) => at(
+                file,
+                &split.referenced,
+                format!("listener \"{name}\": set either \"cluster\" or \"split\", not both"),
+            ),
+            (None, None) => at(
+                file,
+                &l.name.referenced,
+                format!("listener \"{name}\": missing field \"cluster\" (or \"split\")"),
+            ),
+        }
+    }
+
+    Config {
+        listeners,
+        clusters,
+    }
+}
+
+fn unknown_cluster(name: &str, known: &HashMap<&str, (&Path, &Location)>) -> String {
+    let mut names: Vec<&str> = known.keys().copied().collect();
+    names.sort_unstable();
+    format!(
+        "field \"cluster\": unknown cluster \"{name}\" (defined clusters: {})",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
+/// Names become metric label values and log fields: keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name must not be empty".to_string());
+    }
+    if name.len() > 128 {
+        return Err("name must be at most 128 characters".to_string());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "invalid name \"{name}\": use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+// === impl ConfigError ===
+
+impl ConfigError {
+    fn single(file: &Path, line: u64, column: u64, message: String) -> Self {
+        ConfigError {
+            diagnostics: vec![Diagnostic::new(file, line, column, message)],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// === impl Diagnostic ===
+
+impl Diagnostic {
+    fn new(file: &Path, line: u64, column: u64, message: String) -> Self {
+        Diagnostic {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (0, _) => write!(f, "{}: {}", self.file.display(), self.message),
+            (line, 0) => write!(f, "{}:{line}: {}", self.file.display(), self.message),
+            (line, column) => write!(
+                f,
+                "{}:{line}:{column}: {}",
+                self.file.display(),
+                self.message
+            ),
+        }
+    }
+}
+
+// === impl ListenAddr ===
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<SocketAddr>().map(ListenAddr).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid listen address \"{s}\": expected IP:PORT, e.g. 127.0.0.1:5432 or [::1]:5432"
+            ))
+        })
+    }
+}
+
+// === impl EndpointConfig ===
+
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let written = String::deserialize(d)?;
+        parse_endpoint(&written)
+            .map(|addr| EndpointConfig {
+                written: written.clone(),
+                addr,
+            })
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("invalid endpoint \"{s}\": expected HOST:PORT"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid endpoint \"{s}\": port \"{port}\" is not a number 0-65535"))?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(format!(
+            "invalid endpoint \"{s}\": write IPv6 addresses in brackets, e.g. [{host}]:{port}"
+        ));
+    }
+    Err(format!(
+        "invalid endpoint \"{s}\": use an IP address or localhost (DNS names are not supported yet)"
+    ))
+}
+
+// === impl HumanDuration ===
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `250ms`, `5s`, `1m`, `1h`, or combinations like `1m30s`. A bare number has no unit and is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let trimmed = s.trim();
+    if trimmed.is_empty() || trimmed.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "invalid duration \"{s}\": give a unit, e.g. 250ms, 5s, 1m"
+        ));
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|e| format!("invalid duration \"{s}\": {e} (expected e.g. 250ms, 5s, 1m)"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,162 @@
+//! The Prometheus metric families whose names DESIGN.md fixes as a contract.
+//!
+//! A leaf: everything else asks it for handles. Families are registered once in
+//! one process-wide registry; label values come from config names only, so
+//! cardinality is bounded by the config. Handles for a listener or cluster are
+//! resolved when the routing table is compiled, so the hot path only bumps atomics.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every family legate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub listener_connections_total: IntCounterVec,
+    pub listener_connections_active: IntGaugeVec,
+    pub bytes_total: IntCounterVec,
+    pub upstream_connects_total: IntCounterVec,
+    pub upstream_connect_seconds: HistogramVec,
+}
+
+/// Handles for one listener, resolved once per table compile.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub connections_total: IntCounter,
+    pub connections_active: IntGauge,
+    /// App → backend.
+    pub bytes_upstream: IntCounter,
+    /// Backend → app.
+    pub bytes_downstream: IntCounter,
+}
+
+/// Handles for one cluster, resolved once per table compile.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub connect_ok: IntCounter,
+    pub connect_refused: IntCounter,
+    pub connect_timeout: IntCounter,
+    /// Any other connect error (unreachable network, no route, ...).
+    pub connect_error: IntCounter,
+    /// Counted once per client turned away because no endpoint answered.
+    pub no_healthy_endpoint: IntCounter,
+    pub connect_seconds: Histogram,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let listener_connections_total = IntCounterVec::new(
+            Opts::new(
+                "legate_listener_connections_total",
+                "Connections accepted by a listener.",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        let listener_connections_active = IntGaugeVec::new(
+            Opts::new(
+                "legate_listener_connections_active",
+                "Connections currently open on a listener.",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        let bytes_total = IntCounterVec::new(
+            Opts::new(
+                "legate_bytes_total",
+                "Bytes forwarded; direction=upstream is app to backend, downstream is backend to app.",
+            ),
+            &["listener", "direction"],
+        )
+        .expect("static metric definition");
+        let upstream_connects_total = IntCounterVec::new(
+            Opts::new(
+                "legate_upstream_connects_total",
+                "Upstream connect attempts by result.",
+            ),
+            &["cluster", "result"],
+        )
+        .expect("static metric definition");
+        let upstream_connect_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "legate_upstream_connect_seconds",
+                "Time to establish a successful upstream connection.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+            &["cluster"],
+        )
+        .expect("static metric definition");
+
+        for c in [
+            Box::new(listener_connections_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(listener_connections_active.clone()),
+            Box::new(bytes_total.clone()),
+            Box::new(upstream_connects_total.clone()),
+            Box::new(upstream_connect_seconds.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+
+        Metrics {
+            registry,
+            listener_connections_total,
+            listener_connections_active,
+            bytes_total,
+            upstream_connects_total,
+            upstream_connect_seconds,
+        }
+    }
+
+    /// Handles for the listener named `name`.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections_total: self.listener_connections_total.with_label_values(&[name]),
+            connections_active: self.listener_connections_active.with_label_values(&[name]),
+            bytes_upstream: self.bytes_total.with_label_values(&[name, "upstream"]),
+            bytes_downstream: self.bytes_total.with_label_values(&[name, "downstream"]),
+        }
+    }
+
+    /// Handles for the cluster named `name`.
+    pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        let result = |r: &str| self.upstream_connects_total.with_label_values(&[name, r]);
+        ClusterMetrics {
+            connect_ok: result("ok"),
+            connect_refused: result("refused"),
+            connect_timeout: result("timeout"),
+            connect_error: result("error"),
+            no_healthy_endpoint: result("no_healthy_endpoint"),
+            connect_seconds: self.upstream_connect_seconds.with_label_values(&[name]),
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a family that fails to encode is skipped.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
