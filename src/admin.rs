@@ -71,7 +71,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             } else if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not bound yet\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: listeners not bound yet\n",
+                )
             }
         }
         ("/metrics", &Method::GET) => with_type(
@@ -80,13 +83,12 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         ("/config", &Method::GET) => {
             let table = state.tables.load();
-            let bound = state
-                .bound
-                .lock()
-                .map(|b| b.clone())
-                .unwrap_or_default();
+            let bound = state.bound.lock().map(|b| b.clone()).unwrap_or_default();
             let body = serde_json::to_vec_pretty(&table.describe(&bound)).unwrap_or_default();
-            with_type(Response::new(Full::new(Bytes::from(body))), "application/json")
+            with_type(
+                Response::new(Full::new(Bytes::from(body))),
+                "application/json",
+            )
         }
         ("/quitquitquit", &Method::POST) => {
             tracing::info!("shutdown requested by POST /quitquitquit");

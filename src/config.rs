@@ -176,7 +176,8 @@ impl Config {
 /// Hidden entries are skipped: in a ConfigMap volume they are the kubelet's
 /// `..data` and timestamped directories, whose files also appear as visible symlinks.
 fn config_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read config directory: {e}"))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read config directory: {e}"))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| format!("cannot read config directory: {e}"))?;
@@ -195,10 +196,7 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// Interpolates and parses one file. The returned diagnostic has no file name yet.
-fn parse_file(
-    text: &str,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<FileConfig, Diagnostic> {
+fn parse_file(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<FileConfig, Diagnostic> {
     let text = interpolate(text, env)?;
     if is_blank_yaml(&text) {
         // An empty ConfigMap key is a valid, empty file.
@@ -240,7 +238,9 @@ fn is_blank_yaml(text: &str) -> bool {
 /// The mapping key written on `line` (1-based), if that line has one: the field
 /// a type error is about.
 fn key_at_line(text: &str, line: u64) -> Option<&str> {
-    let line = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let line = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
     let line = line.trim_start().trim_start_matches("- ").trim_start();
     let (key, _) = line.split_once(':')?;
     let valid = !key.is_empty()
@@ -258,9 +258,9 @@ fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Strin
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];
-        if tail.starts_with("$${") {
+        if let Some(after) = tail.strip_prefix("$${") {
             out.push_str("${");
-            rest = &tail[3..];
+            rest = after;
             continue;
         }
         if !tail.starts_with("${") {
@@ -412,7 +412,11 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
         match (&l.cluster, &l.split) {
             (Some(c), None) => {
                 if !cluster_names.contains_key(c.value.as_str()) {
-                    at(file, &c.referenced, unknown_cluster(&c.value, &cluster_names));
+                    at(
+                        file,
+                        &c.referenced,
+                        unknown_cluster(&c.value, &cluster_names),
+                    );
                 }
             }
             (None, Some(split)) => {
@@ -586,9 +590,9 @@ fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(format!("invalid endpoint \"{s}\": expected HOST:PORT"));
     };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("invalid endpoint \"{s}\": port \"{port}\" is not a number 0-65535"))?;
+    let port: u16 = port.parse().map_err(|_| {
+        format!("invalid endpoint \"{s}\": port \"{port}\" is not a number 0-65535")
+    })?;
     if host.eq_ignore_ascii_case("localhost") {
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }

@@ -100,13 +100,21 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
 /// Binds every listener of the current table (concurrently: one port that is
 /// still taken must not hold up the others) and starts its accept loop.
 /// Returns once all are bound, or when shutdown begins first.
-async fn start_listeners(tables: &Arc<ArcSwap<RoutingTable>>, bound: &BoundAddrs, shutdown: &Shutdown) {
+async fn start_listeners(
+    tables: &Arc<ArcSwap<RoutingTable>>,
+    bound: &BoundAddrs,
+    shutdown: &Shutdown,
+) {
     let table = tables.load_full();
     let (bound_tx, mut bound_rx) = tokio::sync::mpsc::channel(table.listeners.len().max(1));
     for l in &table.listeners {
         let (name, addr) = (l.name.clone(), l.addr);
-        let (tables, bound, shutdown, bound_tx) =
-            (tables.clone(), bound.clone(), shutdown.clone(), bound_tx.clone());
+        let (tables, bound, shutdown, bound_tx) = (
+            tables.clone(),
+            bound.clone(),
+            shutdown.clone(),
+            bound_tx.clone(),
+        );
         shutdown.clone().accept_loops.spawn(async move {
             let Some(socket) = listener::bind(&name, addr, &shutdown).await else {
                 return;

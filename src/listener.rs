@@ -120,7 +120,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
             return;
         }
     };
-    let result = tcp::forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream).await;
+    let result = tcp::forward(
+        &mut client,
+        &mut upstream,
+        &m.bytes_upstream,
+        &m.bytes_downstream,
+    )
+    .await;
     match result {
         Ok(t) => tracing::debug!(
             listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,

@@ -18,7 +18,12 @@ struct Cli {
     command: Option<Command>,
 
     /// Directory whose *.yaml / *.yml files are the configuration.
-    #[arg(long, env = "LEGATE_CONFIG", default_value = "/etc/legate", global = true)]
+    #[arg(
+        long,
+        env = "LEGATE_CONFIG",
+        default_value = "/etc/legate",
+        global = true
+    )]
     config: PathBuf,
 
     /// Address of the admin server (/healthz /readyz /metrics /config /quitquitquit).
@@ -83,11 +88,13 @@ fn main() -> ExitCode {
     }
 
     init_logging(cli.log_format, &cli.log);
-    let threads = cli.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -101,7 +108,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), threads, "legate starting");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        threads,
+        "legate starting"
+    );
 
     let opts = legate::Options {
         config_dir: cli.config,

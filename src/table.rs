@@ -74,8 +74,7 @@ pub fn compile(config: &Config, generation: u64) -> RoutingTable {
             ))
         })
         .collect();
-    let by_name: HashMap<&str, &Arc<Cluster>> =
-        clusters.iter().map(|c| (&*c.name, c)).collect();
+    let by_name: HashMap<&str, &Arc<Cluster>> = clusters.iter().map(|c| (&*c.name, c)).collect();
     let resolve = |name: &str| Arc::clone(by_name[name]);
 
     let listeners = config

@@ -1,1 +1,97 @@
 use super::*;
+
+fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| vars.get(name).cloned()
+}
+
+#[test]
+fn interpolation_cases() {
+    let cases: &[(&str, &str)] = &[
+        ("plain $ sign and $HOME", "plain $ sign and $HOME"),
+        ("${A}", "alpha"),
+        ("x${A}y${B}z", "xalphaybetaz"),
+        ("${UNSET:-fallback}", "fallback"),
+        ("${A:-fallback}", "alpha"),
+        ("${UNSET:-}", ""),
+        ("${EMPTY}", ""),
+        ("$${A}", "${A}"),
+        ("héllo ${A} wörld", "héllo alpha wörld"),
+    ];
+    let env = env(&[("A", "alpha"), ("B", "beta"), ("EMPTY", "")]);
+    for (input, want) in cases {
+        assert_eq!(
+            interpolate(input, &env).as_deref().ok(),
+            Some(*want),
+            "{input}"
+        );
+    }
+}
+
+#[test]
+fn interpolation_errors_point_at_the_variable() {
+    let env = env(&[]);
+    let d = interpolate("a: 1\nb: x ${MISSING}\n", &env).unwrap_err();
+    assert_eq!((d.line, d.column), (2, 6));
+    assert!(d.message.contains("\"MISSING\" is not set"));
+
+    let d = interpolate("a: ${OPEN\n", &env).unwrap_err();
+    assert!(d.message.contains("unterminated"));
+
+    let d = interpolate("a: ${1BAD}\n", &env).unwrap_err();
+    assert!(d.message.contains("invalid variable name"));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+    assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+    for bad in ["", "5", "1.5", "5 parsecs", "-1s"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn endpoints() {
+    assert_eq!(
+        parse_endpoint("10.0.0.7:5432"),
+        Ok("10.0.0.7:5432".parse().unwrap())
+    );
+    assert_eq!(parse_endpoint("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
+    assert_eq!(
+        parse_endpoint("localhost:6379"),
+        Ok("127.0.0.1:6379".parse().unwrap())
+    );
+    assert!(parse_endpoint("::1:80").unwrap_err().contains("brackets"));
+    assert!(
+        parse_endpoint("db.internal:5432")
+            .unwrap_err()
+            .contains("DNS")
+    );
+    assert!(parse_endpoint("localhost").is_err());
+    assert!(parse_endpoint("localhost:70000").is_err());
+}
+
+#[test]
+fn key_at_line_finds_mapping_keys() {
+    let text = "clusters:\n  - name: db\n    connect_timeout: 5x\n  - [1]\n";
+    assert_eq!(key_at_line(text, 1), Some("clusters"));
+    assert_eq!(key_at_line(text, 2), Some("name"));
+    assert_eq!(key_at_line(text, 3), Some("connect_timeout"));
+    assert_eq!(key_at_line(text, 4), None);
+    assert_eq!(key_at_line(text, 0), None);
+    assert_eq!(key_at_line(text, 99), None);
+}
+
+#[test]
+fn names_are_plain() {
+    assert!(check_name("orders-db.v2_x").is_ok());
+    assert!(check_name("").is_err());
+    assert!(check_name("has space").is_err());
+    assert!(check_name("quote\"").is_err());
+}

@@ -79,7 +79,8 @@ impl Cluster {
         for i in 0..n {
             let endpoint = &self.endpoints[(start + i) % n];
             let began = Instant::now();
-            let attempt = tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint.addr));
+            let attempt =
+                tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint.addr));
             match attempt.await {
                 Ok(Ok(stream)) => {
                     self.metrics.connect_ok.inc();

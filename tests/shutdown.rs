@@ -1,0 +1,126 @@
+//! Sidecar-style shutdown: SIGTERM, SIGINT and `POST /quitquitquit`.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use support::backends::Backend;
+use support::{DEADLINE, Legate, wait_until};
+
+fn echo_config(echo: &Backend) -> String {
+    format!(
+        r#"
+listeners:
+  - name: app
+    listen: 127.0.0.1:0
+    cluster: backend
+clusters:
+  - name: backend
+    endpoints: [ "{}" ]
+"#,
+        echo.addr
+    )
+}
+
+fn open(legate: &Legate) -> TcpStream {
+    let s = TcpStream::connect(legate.addr("app")).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Writes `msg` on an open connection and reads the echo.
+fn roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
+}
+
+/// 1. Connection A is open and echoing.
+/// 2. SIGTERM: `/readyz` turns 503, and during the shutdown delay a new
+///    connection B is still accepted and served.
+/// 3. After the delay the listener closes: new connections are refused, A still echoes.
+/// 4. legate waits for A; when A closes, it exits 0.
+#[test]
+fn sigterm_keeps_accepting_during_delay_then_drains() {
+    let echo = Backend::echo();
+    let mut legate = Legate::start_with(&echo_config(&echo), &["--shutdown-delay", "2s"]);
+    let addr = legate.addr("app");
+    let mut a = open(&legate);
+    roundtrip(&mut a, b"before");
+
+    legate.signal("TERM");
+    wait_until("readyz 503", || legate.get("/readyz").0 == 503);
+    let mut b = open(&legate);
+    roundtrip(&mut b, b"accepted during the delay");
+    drop(b);
+
+    legate.wait_log(|l| l.contains("listener closed"));
+    let refused = TcpStream::connect(addr);
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        ErrorKind::ConnectionRefused
+    );
+    roundtrip(&mut a, b"still working while draining");
+    assert!(legate.is_running(), "exited with a connection open");
+
+    a.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).unwrap();
+    drop(a);
+    let status = legate.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0));
+}
+
+/// 1. A connection stays open past `--drain-timeout 1s` after SIGINT.
+/// 2. legate closes it and exits 0.
+#[test]
+fn drain_timeout_closes_the_rest_and_exits_zero() {
+    let echo = Backend::echo();
+    let mut legate = Legate::start_with(&echo_config(&echo), &["--drain-timeout", "1s"]);
+    let mut a = open(&legate);
+    roundtrip(&mut a, b"hi");
+
+    legate.signal("INT");
+    legate.wait_log(|l| l.contains("drain timeout passed"));
+    let status = legate.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0));
+    let mut buf = [0u8; 8];
+    match a.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("connection not closed: {other:?}"),
+    }
+}
+
+/// 1. A connection keeps legate draining (drain timeout 60s).
+/// 2. A second SIGTERM exits at once, with a non-zero code.
+#[test]
+fn second_signal_exits_at_once() {
+    let echo = Backend::echo();
+    let mut legate = Legate::start_with(&echo_config(&echo), &["--drain-timeout", "60s"]);
+    let mut a = open(&legate);
+    roundtrip(&mut a, b"hi");
+
+    legate.signal("TERM");
+    legate.wait_log(|l| l.contains("listeners closed, draining"));
+    legate.signal("TERM");
+    let status = legate.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+}
+
+/// 1. `POST /quitquitquit` answers 200.
+/// 2. `/readyz` turns 503 while the shutdown delay runs.
+/// 3. With no connections open, legate exits 0.
+#[test]
+fn quitquitquit_shuts_down_like_sigterm() {
+    let echo = Backend::echo();
+    let mut legate = Legate::start_with(&echo_config(&echo), &["--shutdown-delay", "1s"]);
+    let (status, _) = legate.post("/quitquitquit");
+    assert_eq!(status, 200);
+    assert_eq!(legate.get("/readyz").0, 503);
+    let status = legate.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0));
+}

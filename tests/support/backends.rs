@@ -1,0 +1,95 @@
+//! Real tokio servers for legate to forward to. Each runs on its own runtime
+//! thread, so tests can use blocking std clients, and counts what it accepts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A running backend: its address and how many connections it accepted.
+pub struct Backend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Backend {
+    /// Echoes every byte back; when the client half-closes, finishes echoing
+    /// and half-closes too.
+    pub fn echo() -> Backend {
+        Backend::serve(|mut s: TcpStream| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+    }
+
+    /// Sends `banner`, half-closes, then reads until EOF and reports how many
+    /// bytes it received on `received`.
+    pub fn banner_then_read(
+        banner: &'static [u8],
+        received: std::sync::mpsc::Sender<usize>,
+    ) -> Backend {
+        Backend::serve(move |mut s: TcpStream| {
+            let received = received.clone();
+            async move {
+                if s.write_all(banner).await.is_err() || s.shutdown().await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let _ = received.send(total);
+            }
+        })
+    }
+
+    /// Sends `name` and closes: tells a client which backend it reached.
+    pub fn named(name: &'static str) -> Backend {
+        Backend::serve(move |mut s: TcpStream| async move {
+            let _ = s.write_all(name.as_bytes()).await;
+            let _ = s.shutdown().await;
+        })
+    }
+
+    /// Serves each accepted connection with `handler`.
+    pub fn serve<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        runtime.spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handler(s));
+            }
+        });
+        Backend {
+            addr,
+            accepted,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,236 @@
+//! TCP forwarding through the real binary: payloads, half-close, endpoint choice.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use support::backends::Backend;
+use support::{DEADLINE, Legate, refused_addr, wait_until};
+
+fn one_listener(endpoints: &[String]) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"
+listeners:
+  - name: app
+    listen: 127.0.0.1:0
+    cluster: backend
+clusters:
+  - name: backend
+    endpoints: [ {} ]
+    connect_timeout: 1s
+"#,
+        endpoints.join(", ")
+    )
+}
+
+fn connect(legate: &Legate) -> TcpStream {
+    let s = TcpStream::connect(legate.addr("app")).expect("connect to legate");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// 1. Echo backend behind legate.
+/// 2. Write 8 MiB of random bytes while reading the echo on another thread.
+/// 3. The echo equals the input byte for byte, and the byte counters saw it all.
+#[test]
+fn multi_mib_random_payload_round_trip() {
+    let echo = Backend::echo();
+    let legate = Legate::start(&one_listener(&[echo.addr.to_string()]));
+    let payload: Vec<u8> = (0..8 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
+
+    let mut client = connect(&legate);
+    let mut writer = client.try_clone().unwrap();
+    let to_send = payload.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut echoed = Vec::with_capacity(payload.len());
+    client.read_to_end(&mut echoed).unwrap();
+    sender.join().unwrap();
+
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "echoed bytes differ from the payload");
+    let len = payload.len() as f64;
+    wait_until("byte counters", || {
+        legate.metric(r#"legate_bytes_total{direction="upstream",listener="app"}"#) == len
+            && legate.metric(r#"legate_bytes_total{direction="downstream",listener="app"}"#) == len
+    });
+}
+
+/// 1. Client sends a request and half-closes (SHUT_WR).
+/// 2. The backend sees EOF, echoes what it got and half-closes.
+/// 3. The client still reads the whole answer after its own FIN.
+#[test]
+fn half_close_from_client_keeps_reverse_direction() {
+    let echo = Backend::echo();
+    let legate = Legate::start(&one_listener(&[echo.addr.to_string()]));
+    let mut client = connect(&legate);
+    client.write_all(b"request then FIN").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "request then FIN");
+}
+
+/// 1. Backend sends a banner and half-closes first.
+/// 2. The client reads the banner and EOF, then keeps sending 1 MiB.
+/// 3. The backend receives all of it: the app→backend direction outlived the backend's FIN.
+#[test]
+fn half_close_from_backend_keeps_forward_direction() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let backend = Backend::banner_then_read(b"hello from backend", tx);
+    let legate = Legate::start(&one_listener(&[backend.addr.to_string()]));
+    let mut client = connect(&legate);
+    let mut banner = String::new();
+    client.read_to_string(&mut banner).unwrap();
+    assert_eq!(banner, "hello from backend");
+
+    let data = vec![7u8; 1024 * 1024];
+    client.write_all(&data).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let received = rx.recv_timeout(DEADLINE).expect("backend reports");
+    assert_eq!(received, data.len());
+}
+
+/// 1. The client connects and closes without sending anything.
+/// 2. The backend gets a connection that ends at once; the client reads EOF.
+/// 3. Metrics count the connection, and the active gauge returns to 0.
+#[test]
+fn zero_byte_connection() {
+    let echo = Backend::echo();
+    let legate = Legate::start(&one_listener(&[echo.addr.to_string()]));
+    let mut client = connect(&legate);
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    drop(client);
+
+    wait_until("backend accepted", || echo.accepted() == 1);
+    wait_until("connection counted and closed", || {
+        legate.metric(r#"legate_listener_connections_total{listener="app"}"#) == 1.0
+            && legate.metric(r#"legate_listener_connections_active{listener="app"}"#) == 0.0
+    });
+    assert_eq!(
+        legate.metric(r#"legate_bytes_total{direction="upstream",listener="app"}"#),
+        0.0
+    );
+}
+
+/// 1. The cluster lists a refusing endpoint first, then a live echo.
+/// 2. Several connections in a row all get their echo: the dead one is skipped.
+/// 3. The refusals are counted under result="refused".
+#[test]
+fn dead_first_endpoint_is_skipped() {
+    let echo = Backend::echo();
+    let dead = refused_addr();
+    let legate = Legate::start(&one_listener(&[dead.to_string(), echo.addr.to_string()]));
+    for i in 0..4 {
+        let mut client = connect(&legate);
+        let msg = format!("ping {i}");
+        client.write_all(msg.as_bytes()).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, msg);
+    }
+    assert_eq!(echo.accepted(), 4);
+    assert!(
+        legate.metric(r#"legate_upstream_connects_total{cluster="backend",result="refused"}"#)
+            >= 1.0
+    );
+    assert_eq!(
+        legate.metric(r#"legate_upstream_connects_total{cluster="backend",result="ok"}"#),
+        4.0
+    );
+}
+
+/// 1. Every endpoint refuses.
+/// 2. The client is closed promptly (EOF or reset, no hang).
+/// 3. Counted as result="no_healthy_endpoint".
+#[test]
+fn all_endpoints_dead_closes_client() {
+    let legate = Legate::start(&one_listener(&[
+        refused_addr().to_string(),
+        refused_addr().to_string(),
+    ]));
+    let mut client = connect(&legate);
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("unexpected {n} bytes"),
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "client was left hanging"
+        ),
+    }
+    wait_until("no_healthy_endpoint counted", || {
+        legate.metric(
+            r#"legate_upstream_connects_total{cluster="backend",result="no_healthy_endpoint"}"#,
+        ) == 1.0
+    });
+}
+
+/// 1. Two named backends in one cluster.
+/// 2. Four connections alternate between them (round robin).
+#[test]
+fn round_robin_alternates_endpoints() {
+    let a = Backend::named("a");
+    let b = Backend::named("b");
+    let legate = Legate::start(&one_listener(&[a.addr.to_string(), b.addr.to_string()]));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut client = connect(&legate);
+        let mut name = String::new();
+        client.read_to_string(&mut name).unwrap();
+        seen.push(name);
+    }
+    assert_eq!(seen, ["a", "b", "a", "b"]);
+}
+
+/// 1. A listener splits 1:3 between two clusters with a zero-weight third.
+/// 2. Over 400 connections both weighted clusters get traffic near their share,
+///    the zero-weight one none.
+#[test]
+fn split_spreads_connections_by_weight() {
+    let a = Backend::named("a");
+    let b = Backend::named("b");
+    let c = Backend::named("c");
+    let legate = Legate::start(&format!(
+        r#"
+listeners:
+  - name: app
+    listen: 127.0.0.1:0
+    split:
+      - {{ cluster: old, weight: 1 }}
+      - {{ cluster: new, weight: 3 }}
+      - {{ cluster: off, weight: 0 }}
+clusters:
+  - {{ name: old, endpoints: [ "{}" ] }}
+  - {{ name: new, endpoints: [ "{}" ] }}
+  - {{ name: off, endpoints: [ "{}" ] }}
+"#,
+        a.addr, b.addr, c.addr
+    ));
+    let mut to_a = 0;
+    for _ in 0..400 {
+        let mut client = connect(&legate);
+        let mut name = String::new();
+        client.read_to_string(&mut name).unwrap();
+        if name == "a" {
+            to_a += 1;
+        }
+    }
+    assert_eq!(c.accepted(), 0);
+    assert_eq!(a.accepted() + b.accepted(), 400);
+    // Expected 100; the binomial standard deviation is ~8.7, so 60..140 is > 4.5 sigma.
+    assert!((60..=140).contains(&to_a), "old got {to_a} of 400");
+}
