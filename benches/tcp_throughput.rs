@@ -31,13 +31,26 @@ fn main() {
 
     let (d, l) = (median(&mut direct), median(&mut through));
     println!("tcp bulk, {mib} MiB x {runs} runs, client -> server");
-    println!("  direct        {:>8.0} MiB/s  ({:.0}-{:.0})", d, direct[0], direct[runs - 1]);
-    println!("  via legate    {:>8.0} MiB/s  ({:.0}-{:.0})", l, through[0], through[runs - 1]);
+    println!(
+        "  direct        {:>8.0} MiB/s  ({:.0}-{:.0})",
+        d,
+        direct[0],
+        direct[runs - 1]
+    );
+    println!(
+        "  via legate    {:>8.0} MiB/s  ({:.0}-{:.0})",
+        l,
+        through[0],
+        through[runs - 1]
+    );
     println!("  legate/direct {:>8.2}", l / d);
 }
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
