@@ -64,6 +64,11 @@ pub struct ClusterConfig {
     /// Per attempt; a timed-out endpoint is skipped for the next. Default 5s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
+    /// When a reload changes where this cluster's connections would go (its
+    /// endpoints, or a listener now sending elsewhere), connections still on the
+    /// old target are closed after this grace so the app reconnects to the new
+    /// one. Unset: old connections live until they end.
+    pub drain_on_change: Option<HumanDuration>,
 }
 
 /// Listener protocols. HTTP arrives with its own issue; until then `http` is an
@@ -134,11 +139,7 @@ fn default_connect_timeout() -> HumanDuration {
 impl Config {
     /// Reads, interpolates, parses and validates every `*.yaml`/`*.yml` file in `dir`.
     pub fn load(dir: &Path) -> Result<Config, ConfigError> {
-        let files = config_files(dir).map_err(|e| ConfigError::single(dir, 0, 0, e))?;
-        Config::from_sources(files.into_iter().map(|path| {
-            let text = std::fs::read_to_string(&path);
-            (path, text)
-        }))
+        Config::from_sources(read_sources(dir)?)
     }
 
     /// Parses and validates already-read sources (file name, contents), in order.
@@ -170,6 +171,29 @@ impl Config {
             Err(ConfigError { diagnostics })
         }
     }
+}
+
+/// The config files of `dir` and their contents, as one consistent snapshot.
+///
+/// In a ConfigMap volume the visible files are symlinks through `..data`, which
+/// the kubelet swaps atomically. Reading each symlink separately could mix two
+/// versions if a swap lands in between, so when `..data` exists the files are
+/// read from the one directory it resolved to. Errors still name the visible path.
+pub fn read_sources(dir: &Path) -> Result<Vec<(PathBuf, std::io::Result<String>)>, ConfigError> {
+    let files = config_files(dir).map_err(|e| ConfigError::single(dir, 0, 0, e))?;
+    let data_dir = std::fs::canonicalize(dir.join("..data")).ok();
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let text = match (&data_dir, path.file_name()) {
+                (Some(data), Some(name)) if data.join(name).is_file() => {
+                    std::fs::read_to_string(data.join(name))
+                }
+                _ => std::fs::read_to_string(&path),
+            };
+            (path, text)
+        })
+        .collect())
 }
 
 /// The config files of `dir`, sorted by name so that merging is deterministic.

@@ -3,6 +3,7 @@
 //! Modules in the order a connection meets them:
 //! - [`config`]: YAML files in the config directory → a validated `Config`.
 //! - [`table`]: `Config` → the immutable `RoutingTable` snapshot, published through `ArcSwap`.
+//! - [`reload`]: watch the directory, publish each new valid table.
 //! - [`listener`]: bind, accept, one snapshot per connection.
 //! - [`tcp`]: forward bytes both ways with half-close.
 //! - [`upstream`]: clusters, endpoint choice, connect.
@@ -22,13 +23,14 @@ pub mod admin;
 pub mod config;
 pub mod listener;
 pub mod metrics;
+pub mod reload;
 pub mod shutdown;
 pub mod table;
 pub mod tcp;
 pub mod upstream;
 
 use config::{Config, ConfigError};
-use listener::BoundAddrs;
+use listener::{BoundAddrs, Listeners};
 use shutdown::{Shutdown, Timing};
 
 /// What `legate` (the proxy) runs with: the command line, parsed.
@@ -37,6 +39,7 @@ pub struct Options {
     pub config_dir: PathBuf,
     pub admin: SocketAddr,
     pub timing: Timing,
+    pub reload: reload::Settings,
 }
 
 /// Why legate could not start.
@@ -53,18 +56,25 @@ pub enum StartError {
 
 /// Runs the proxy until a shutdown (signal or `POST /quitquitquit`) has drained.
 pub async fn run(opts: Options) -> Result<(), StartError> {
-    let config = Config::load(&opts.config_dir)?;
-    let tables = Arc::new(ArcSwap::from_pointee(table::compile(&config, 1)));
+    let initial = reload::load_initial(&opts.config_dir)?;
+    let tables = Arc::new(ArcSwap::from_pointee(table::compile(&initial.config, 1)));
     tracing::info!(
         config = %opts.config_dir.display(),
-        listeners = config.listeners.len(),
-        clusters = config.clusters.len(),
+        listeners = initial.config.listeners.len(),
+        clusters = initial.config.clusters.len(),
         "configuration loaded"
     );
 
     let shutdown = Shutdown::default();
     let bound = BoundAddrs::default();
     let ready = Arc::new(AtomicBool::new(false));
+    let (reloads, mut applied) = reload::spawn(
+        opts.config_dir.clone(),
+        initial.hash,
+        tables.clone(),
+        opts.reload,
+        shutdown.clone(),
+    );
 
     // The admin server comes first so probes get an honest 503 while listeners bind.
     let admin_socket = TcpListener::bind(opts.admin)
@@ -83,61 +93,31 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             bound: bound.clone(),
             ready: ready.clone(),
             shutdown: shutdown.clone(),
+            reloads,
         },
     ));
     tokio::spawn(shutdown::on_signals(shutdown.clone()));
 
-    start_listeners(&tables, &bound, &shutdown).await;
-    if !shutdown.begun.is_cancelled() {
-        ready.store(true, Ordering::Release);
-        tracing::info!("ready: every listener is bound");
+    let mut listeners = Listeners::new(tables.clone(), bound, shutdown.clone());
+    listeners.apply(&tables.load_full()).await;
+    tokio::select! {
+        _ = listeners.all_bound() => {
+            ready.store(true, Ordering::Release);
+            tracing::info!("ready: every listener is bound");
+        }
+        _ = shutdown.begun.cancelled() => {}
     }
+    // From here on, each applied reload brings the listeners in step.
+    tokio::spawn(async move {
+        while applied.changed().await.is_ok() {
+            let table = applied.borrow_and_update().clone();
+            listeners.apply(&table).await;
+        }
+    });
 
     shutdown.run(opts.timing).await;
     Ok(())
 }
-
-/// Binds every listener of the current table (concurrently: one port that is
-/// still taken must not hold up the others) and starts its accept loop.
-/// Returns once all are bound, or when shutdown begins first.
-async fn start_listeners(
-    tables: &Arc<ArcSwap<RoutingTable>>,
-    bound: &BoundAddrs,
-    shutdown: &Shutdown,
-) {
-    let table = tables.load_full();
-    let (bound_tx, mut bound_rx) = tokio::sync::mpsc::channel(table.listeners.len().max(1));
-    for l in &table.listeners {
-        let (name, addr) = (l.name.clone(), l.addr);
-        let (tables, bound, shutdown, bound_tx) = (
-            tables.clone(),
-            bound.clone(),
-            shutdown.clone(),
-            bound_tx.clone(),
-        );
-        shutdown.clone().accept_loops.spawn(async move {
-            let Some(socket) = listener::bind(&name, addr, &shutdown).await else {
-                return;
-            };
-            let local = socket.local_addr().unwrap_or(addr);
-            if let Ok(mut b) = bound.lock() {
-                b.insert(name.clone(), local);
-            }
-            tracing::info!(listener = %name, address = %local, "listening");
-            let _ = bound_tx.send(()).await;
-            listener::serve(socket, name, tables, shutdown).await;
-        });
-    }
-    drop(bound_tx);
-    for _ in 0..table.listeners.len() {
-        tokio::select! {
-            r = bound_rx.recv() => if r.is_none() { return },
-            _ = shutdown.begun.cancelled() => return,
-        }
-    }
-}
-
-use table::RoutingTable;
 
 /// `legate check`: validates the directory and returns the compiled table as JSON.
 pub fn check(dir: &Path) -> Result<serde_json::Value, ConfigError> {

@@ -1,9 +1,11 @@
 //! Listening sockets and their accept loops: one snapshot per connection.
 //!
-//! Owns binding (with retry while the port is still taken, so a restarted
-//! sidecar waits instead of crash-looping; `/readyz` stays 503 meanwhile), the
-//! accept loop, and the life of each accepted connection: load the routing
-//! table once, pick a cluster, connect, then hand both sockets to `tcp::forward`.
+//! Owns the set of listening sockets ([`Listeners`], kept in step with each
+//! new routing table), binding (with retry while the port is still taken, so a
+//! restarted sidecar waits instead of crash-looping; `/readyz` stays 503
+//! meanwhile), the accept loops, and the life of each accepted connection: load
+//! the routing table once, pick a route, connect, then hand both sockets to
+//! `tcp::forward` until they finish or the route is retired by a reload.
 //! Connections run on the shutdown tracker so the drain can wait for them.
 
 use std::collections::HashMap;
@@ -15,6 +17,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::Shutdown;
 use crate::table::RoutingTable;
@@ -30,7 +35,7 @@ const BACKLOG: i32 = 1024;
 
 /// Binds `addr`, retrying with backoff while it fails (e.g. the port is still
 /// held by a previous instance) until it succeeds or shutdown begins.
-pub async fn bind(name: &str, addr: SocketAddr, shutdown: &Shutdown) -> Option<TcpListener> {
+async fn bind(name: &str, addr: SocketAddr, shutdown: &Shutdown) -> Option<TcpListener> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match bind_now(addr) {
@@ -60,20 +65,128 @@ fn bind_now(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts on `socket` until shutdown stops accepting; each connection is
-/// served from the table snapshot current at its accept.
-pub async fn serve(
+/// The running accept loops, kept in step with the routing table.
+///
+/// Owned by the task that applies new tables (`lib`); reload reaches it only
+/// through that task's watch channel.
+pub struct Listeners {
+    running: HashMap<Arc<str>, Running>,
+    tables: Arc<ArcSwap<RoutingTable>>,
+    bound: BoundAddrs,
+    shutdown: Shutdown,
+}
+
+/// One accept loop.
+struct Running {
+    /// As configured (port 0 stays 0), to tell a moved listener from an unchanged one.
+    addr: SocketAddr,
+    /// Cancelling it ends the accept loop and closes the socket; a child of
+    /// `shutdown.stop_accepting`, so the shutdown ends every loop too.
+    stop: CancellationToken,
+    /// Completes once the socket is closed.
+    task: JoinHandle<()>,
+    /// Completes once the socket is bound (or binding was abandoned).
+    bound: Option<oneshot::Receiver<()>>,
+}
+
+impl Listeners {
+    pub fn new(tables: Arc<ArcSwap<RoutingTable>>, bound: BoundAddrs, shutdown: Shutdown) -> Self {
+        Listeners {
+            running: HashMap::new(),
+            tables,
+            bound,
+            shutdown,
+        }
+    }
+
+    /// Makes the running accept loops match `table`: unchanged listeners keep
+    /// their socket, removed ones stop accepting (their connections drain on
+    /// their own), moved ones close their old address and bind the new one, new
+    /// ones bind. Closing happens first, so an address can pass from one
+    /// listener to another within one reload.
+    pub async fn apply(&mut self, table: &RoutingTable) {
+        let stale: Vec<Arc<str>> = self
+            .running
+            .iter()
+            .filter(|(name, r)| table.listener(name).is_none_or(|l| l.addr != r.addr))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = self.running.remove(&name) {
+                r.stop.cancel();
+                let _ = r.task.await;
+                if let Ok(mut b) = self.bound.lock() {
+                    b.remove(&name);
+                }
+            }
+        }
+        for l in &table.listeners {
+            if !self.running.contains_key(&l.name) {
+                let running = self.start(l.name.clone(), l.addr);
+                self.running.insert(l.name.clone(), running);
+            }
+        }
+    }
+
+    /// Waits until every listener started so far is bound, or shutdown begins.
+    pub async fn all_bound(&mut self) {
+        for r in self.running.values_mut() {
+            if let Some(rx) = r.bound.take() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    fn start(&self, name: Arc<str>, addr: SocketAddr) -> Running {
+        let stop = self.shutdown.stop_accepting.child_token();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let (tables, bound, shutdown, stop_loop) = (
+            self.tables.clone(),
+            self.bound.clone(),
+            self.shutdown.clone(),
+            stop.clone(),
+        );
+        let task = self.shutdown.accept_loops.spawn(async move {
+            let socket = tokio::select! {
+                s = bind(&name, addr, &shutdown) => s,
+                _ = stop_loop.cancelled() => None,
+            };
+            let Some(socket) = socket else {
+                let _ = bound_tx.send(());
+                return;
+            };
+            let local = socket.local_addr().unwrap_or(addr);
+            if let Ok(mut b) = bound.lock() {
+                b.insert(name.clone(), local);
+            }
+            tracing::info!(listener = %name, address = %local, "listening");
+            let _ = bound_tx.send(());
+            serve(socket, name, tables, shutdown, stop_loop).await;
+        });
+        Running {
+            addr,
+            stop,
+            task,
+            bound: Some(bound_rx),
+        }
+    }
+}
+
+/// Accepts on `socket` until `stop` is cancelled; each connection is served
+/// from the table snapshot current at its accept.
+async fn serve(
     socket: TcpListener,
     name: Arc<str>,
     tables: Arc<ArcSwap<RoutingTable>>,
     shutdown: Shutdown,
+    stop: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
             // Cancel-safe: a connection is either returned by `accept` or left
             // in the kernel queue, which closes with the socket.
             r = socket.accept() => r,
-            _ = shutdown.stop_accepting.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let (client, peer) = match accepted {
             Ok(c) => c,
@@ -85,12 +198,12 @@ pub async fn serve(
             }
         };
         let table = tables.load_full();
-        let shutdown_for_conn = shutdown.clone();
+        let force_close = shutdown.force_close.clone();
         let name = name.clone();
         shutdown.connections.spawn(async move {
             tokio::select! {
                 _ = handle(client, peer, &name, &table) => {}
-                _ = shutdown_for_conn.force_close.cancelled() => {
+                _ = force_close.cancelled() => {
                     tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
                 }
             }
@@ -112,7 +225,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
     let _ = client.set_nodelay(true);
 
     let began = Instant::now();
-    let cluster = listener.target.pick();
+    let route = listener.target.pick();
+    let cluster = &route.cluster;
     let (mut upstream, endpoint) = match cluster.connect().await {
         Ok(connected) => connected,
         Err(e) => {
@@ -120,14 +234,17 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
             return;
         }
     };
-    let result = tcp::forward(
-        &mut client,
-        &mut upstream,
-        &m.bytes_upstream,
-        &m.bytes_downstream,
-    )
-    .await;
-    match result {
+    let forwarded = tokio::select! {
+        r = tcp::forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream) => r,
+        _ = route.retired.cancelled() => {
+            tracing::info!(
+                listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,
+                "closing connection: a reload moved this route (drain_on_change)"
+            );
+            return;
+        }
+    };
+    match forwarded {
         Ok(t) => tracing::debug!(
             listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,
             bytes_upstream = t.upstream, bytes_downstream = t.downstream,

@@ -35,12 +35,20 @@ struct Cli {
     threads: Option<usize>,
 
     /// After SIGTERM, keep accepting this long before closing the listeners.
-    #[arg(long, env = "LEGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "LEGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration_or_zero)]
     shutdown_delay: Duration,
 
     /// After the listeners close, wait this long for open connections, then close them.
     #[arg(long, env = "LEGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+
+    /// Re-read the config directory this often even without a change event (0 disables).
+    #[arg(long, env = "LEGATE_POLL_INTERVAL", default_value = "30s", value_parser = parse_duration_or_zero)]
+    poll_interval: Duration,
+
+    /// Do not watch the config directory with inotify; rely on SIGHUP, POST /reload and polling.
+    #[arg(long, env = "LEGATE_NO_WATCH")]
+    no_watch: bool,
 
     /// Log line format.
     #[arg(long, env = "LEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -64,6 +72,13 @@ enum LogFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    legate::config::parse_duration(s)
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
     legate::config::parse_duration(s)
 }
 
@@ -120,6 +135,10 @@ fn main() -> ExitCode {
         timing: legate::shutdown::Timing {
             shutdown_delay: cli.shutdown_delay,
             drain_timeout: cli.drain_timeout,
+        },
+        reload: legate::reload::Settings {
+            watch: !cli.no_watch,
+            poll_interval: (!cli.poll_interval.is_zero()).then_some(cli.poll_interval),
         },
     };
     match runtime.block_on(legate::run(opts)) {

@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -20,6 +20,9 @@ pub struct Metrics {
     pub bytes_total: IntCounterVec,
     pub upstream_connects_total: IntCounterVec,
     pub upstream_connect_seconds: HistogramVec,
+    pub config_reloads_total: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub config_last_reload_success: Gauge,
 }
 
 /// Handles for one listener, resolved once per table compile.
@@ -103,12 +106,38 @@ impl Metrics {
         )
         .expect("static metric definition");
 
+        let config_reloads_total = IntCounterVec::new(
+            Opts::new(
+                "legate_config_reloads_total",
+                "Configuration reload attempts whose content changed, by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
+        let config_generation = IntGauge::new(
+            "legate_config_generation",
+            "Generation of the routing table in use: 1 at start, +1 per applied reload.",
+        )
+        .expect("static metric definition");
+        let config_last_reload_success = Gauge::new(
+            "legate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that was applied.",
+        )
+        .expect("static metric definition");
+        // Both results exist from the start, so `increase()` sees the first error.
+        for result in ["success", "error"] {
+            config_reloads_total.with_label_values(&[result]);
+        }
+
         for c in [
             Box::new(listener_connections_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(listener_connections_active.clone()),
             Box::new(bytes_total.clone()),
             Box::new(upstream_connects_total.clone()),
             Box::new(upstream_connect_seconds.clone()),
+            Box::new(config_reloads_total.clone()),
+            Box::new(config_generation.clone()),
+            Box::new(config_last_reload_success.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -126,6 +155,9 @@ impl Metrics {
             bytes_total,
             upstream_connects_total,
             upstream_connect_seconds,
+            config_reloads_total,
+            config_generation,
+            config_last_reload_success,
         }
     }
 

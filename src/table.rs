@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Protocol};
 use crate::metrics;
@@ -37,13 +38,29 @@ pub struct Listener {
 
 /// Where a listener's new connections go.
 pub enum Target {
-    Cluster(Arc<Cluster>),
+    Cluster(Route),
     /// Weighted choice per connection. Weights are positive (zero-weight
     /// entries are dropped at compile time) and `total` is their sum.
-    Split {
-        clusters: Box<[(Arc<Cluster>, u32)]>,
-        total: u32,
-    },
+    Split { routes: Box<[(Route, u32)]>, total: u32 },
+}
+
+/// One listener → cluster path, and the signal that retires it.
+pub struct Route {
+    pub cluster: Arc<Cluster>,
+    /// Shared by every table generation in which this listener still sends to
+    /// this cluster with the same endpoints ([`carry_over`]). Cancelled, after
+    /// the cluster's `drain_on_change` grace, once a reload sends the traffic
+    /// elsewhere; connections on the route then close so the app reconnects.
+    pub retired: CancellationToken,
+}
+
+/// A route the new table no longer has, whose connections close after `grace`.
+#[derive(Debug)]
+pub struct Retired {
+    pub listener: Arc<str>,
+    pub cluster: Arc<str>,
+    pub grace: std::time::Duration,
+    pub token: CancellationToken,
 }
 
 // === impl RoutingTable ===
@@ -70,6 +87,7 @@ pub fn compile(config: &Config, generation: u64) -> RoutingTable {
                 name.clone(),
                 endpoints,
                 c.connect_timeout.0,
+                c.drain_on_change.map(|d| d.0),
                 m.cluster(&name),
             ))
         })
@@ -82,16 +100,16 @@ pub fn compile(config: &Config, generation: u64) -> RoutingTable {
         .iter()
         .map(|l| {
             let target = match (&l.cluster, &l.split) {
-                (Some(c), _) => Target::Cluster(resolve(&c.value)),
+                (Some(c), _) => Target::Cluster(Route::new(resolve(&c.value))),
                 (None, Some(split)) => {
-                    let clusters: Box<[(Arc<Cluster>, u32)]> = split
+                    let routes: Box<[(Route, u32)]> = split
                         .value
                         .iter()
                         .filter(|s| s.weight > 0)
-                        .map(|s| (resolve(&s.cluster.value), s.weight))
+                        .map(|s| (Route::new(resolve(&s.cluster.value)), s.weight))
                         .collect();
-                    let total = clusters.iter().map(|(_, w)| w).sum();
-                    Target::Split { clusters, total }
+                    let total = routes.iter().map(|(_, w)| w).sum();
+                    Target::Split { routes, total }
                 }
                 (None, None) => unreachable!("validated: a listener has a cluster or a split"),
             };
@@ -125,11 +143,11 @@ impl RoutingTable {
             .iter()
             .map(|l| {
                 let target = match &l.target {
-                    Target::Cluster(c) => json!({ "cluster": &*c.name }),
-                    Target::Split { clusters, .. } => json!({
-                        "split": clusters
+                    Target::Cluster(r) => json!({ "cluster": &*r.cluster.name }),
+                    Target::Split { routes, .. } => json!({
+                        "split": routes
                             .iter()
-                            .map(|(c, w)| json!({ "cluster": &*c.name, "weight": w }))
+                            .map(|(r, w)| json!({ "cluster": &*r.cluster.name, "weight": w }))
                             .collect::<Vec<_>>()
                     }),
                 };
@@ -149,7 +167,7 @@ impl RoutingTable {
             .clusters
             .iter()
             .map(|c| {
-                json!({
+                let mut v = json!({
                     "name": &*c.name,
                     "endpoints": c.endpoints().iter().map(|e| json!({
                         "endpoint": &*e.written,
@@ -157,7 +175,11 @@ impl RoutingTable {
                     })).collect::<Vec<_>>(),
                     "lb": "round_robin",
                     "connect_timeout": humantime::format_duration(c.connect_timeout()).to_string(),
-                })
+                });
+                if let Some(grace) = c.drain_on_change() {
+                    v["drain_on_change"] = json!(humantime::format_duration(grace).to_string());
+                }
+                v
             })
             .collect();
         json!({
@@ -174,24 +196,96 @@ fn merge_json(into: &mut serde_json::Value, from: serde_json::Value) {
     }
 }
 
+/// Carries the retire tokens of routes that survive from `old` into `new`, and
+/// returns the routes of `old` that `new` no longer has and whose cluster asks
+/// for `drain_on_change`. A route survives when the same listener still sends to
+/// a cluster of the same name with the same endpoints (a weight change alone
+/// keeps it). Pure: the caller schedules the returned retirements.
+pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
+    let mut retired = Vec::new();
+    for old_listener in &old.listeners {
+        let new_listener = new
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == old_listener.name);
+        let listener_stays = new_listener.is_some();
+        let mut new_routes: Vec<&mut Route> = match new_listener {
+            Some(l) => l.target.routes_mut().collect(),
+            None => Vec::new(),
+        };
+        for old_route in old_listener.target.routes() {
+            let survivor = new_routes
+                .iter_mut()
+                .find(|r| r.cluster.same_target(&old_route.cluster));
+            match survivor {
+                Some(r) => r.retired = old_route.retired.clone(),
+                // A listener that left the config drains on its own: its app cannot reconnect to it.
+                None if listener_stays => {
+                    if let Some(grace) = old_route.cluster.drain_on_change() {
+                        retired.push(Retired {
+                            listener: old_listener.name.clone(),
+                            cluster: old_route.cluster.name.clone(),
+                            grace,
+                            token: old_route.retired.clone(),
+                        });
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    retired
+}
+
+// === impl Route ===
+
+impl Route {
+    fn new(cluster: Arc<Cluster>) -> Self {
+        Route {
+            cluster,
+            retired: CancellationToken::new(),
+        }
+    }
+}
+
 // === impl Target ===
 
 impl Target {
-    /// The cluster for one new connection.
-    pub fn pick(&self) -> &Arc<Cluster> {
+    /// The route for one new connection.
+    pub fn pick(&self) -> &Route {
         match self {
-            Target::Cluster(c) => c,
-            Target::Split { clusters, total } => {
+            Target::Cluster(r) => r,
+            Target::Split { routes, total } => {
                 let mut ticket = rand::random_range(0..*total);
-                for (cluster, weight) in clusters.iter() {
+                for (route, weight) in routes.iter() {
                     if ticket < *weight {
-                        return cluster;
+                        return route;
                     }
                     ticket -= weight;
                 }
                 // Unreachable while `total` is the sum of the weights; stay total anyway.
-                &clusters[clusters.len() - 1].0
+                &routes[routes.len() - 1].0
             }
         }
     }
+
+    /// Every route this target may pick.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        let (single, split) = match self {
+            Target::Cluster(r) => (Some(r), &[][..]),
+            Target::Split { routes, .. } => (None, &routes[..]),
+        };
+        single.into_iter().chain(split.iter().map(|(r, _)| r))
+    }
+
+    fn routes_mut(&mut self) -> impl Iterator<Item = &mut Route> {
+        let (single, split) = match self {
+            Target::Cluster(r) => (Some(r), &mut [][..]),
+            Target::Split { routes, .. } => (None, &mut routes[..]),
+        };
+        single.into_iter().chain(split.iter_mut().map(|(r, _)| r))
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,13 +21,14 @@ pub struct Cluster {
     pub name: Arc<str>,
     endpoints: Box<[Endpoint]>,
     connect_timeout: Duration,
+    drain_on_change: Option<Duration>,
     /// Round-robin cursor; wraps, only its value modulo the endpoint count matters.
     next: AtomicUsize,
     metrics: ClusterMetrics,
 }
 
 /// One backend address as the user wrote it, and where it points.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// As written in the config (`10.0.0.7:5432`, `localhost:6379`): the name in logs.
     pub written: Arc<str>,
@@ -51,12 +52,14 @@ impl Cluster {
         name: Arc<str>,
         endpoints: Vec<Endpoint>,
         connect_timeout: Duration,
+        drain_on_change: Option<Duration>,
         metrics: ClusterMetrics,
     ) -> Self {
         Cluster {
             name,
             endpoints: endpoints.into_boxed_slice(),
             connect_timeout,
+            drain_on_change,
             next: AtomicUsize::new(0),
             metrics,
         }
@@ -68,6 +71,16 @@ impl Cluster {
 
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
+    }
+
+    /// Grace before connections are closed when a reload moves this cluster's traffic.
+    pub fn drain_on_change(&self) -> Option<Duration> {
+        self.drain_on_change
+    }
+
+    /// Whether `other` sends connections to the same place: same name, same endpoints.
+    pub fn same_target(&self, other: &Cluster) -> bool {
+        self.name == other.name && self.endpoints == other.endpoints
     }
 
     /// Connects to the next endpoint in round-robin order. A refused or timed-out

@@ -1,0 +1,299 @@
+//! Hot reload: watch the config directory, and publish each new valid table.
+//!
+//! Triggers: inotify on the directory (not the files: the kubelet's `..data`
+//! swap replaces them, and a watch on a replaced file dies), SIGHUP,
+//! `POST /reload`, and a poll as a fallback for missed events. Events are
+//! debounced, and a reload whose content hash did not change does nothing.
+//! A reload is all or nothing: read, validate and compile off to the side, then
+//! one `ArcSwap::store`. A bad config keeps the table in use, logs one error
+//! naming file and line, and is counted. Each applied table is also sent on a
+//! watch channel, which `lib` uses to bring the listeners in step.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{self, Config};
+use crate::metrics;
+use crate::shutdown::Shutdown;
+use crate::table::{self, RoutingTable};
+
+/// Quiet time after the last file event before reloading: the kubelet's swap
+/// is several events in a row.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A directory that never stops changing still reloads this often.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+
+/// How the reloader finds out about changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Watch the directory with inotify.
+    pub watch: bool,
+    /// Re-read this often regardless of events; `None` disables polling.
+    pub poll_interval: Option<Duration>,
+}
+
+/// What the admin server shows of the reload history (`GET /config`).
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub generation: u64,
+    pub last_success: Option<SystemTime>,
+    /// The last rejected config, until a later one is applied.
+    pub last_error: Option<(String, SystemTime)>,
+}
+
+/// What one reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied { generation: u64 },
+    Unchanged { generation: u64 },
+    Rejected { error: String },
+}
+
+/// Asks the reloader to reload now (`POST /reload`). Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    requests: mpsc::Sender<oneshot::Sender<Outcome>>,
+    pub status: Arc<Mutex<Status>>,
+}
+
+/// The first table, loaded at start, and the content hash it came from.
+pub struct Initial {
+    pub config: Config,
+    pub hash: u64,
+}
+
+/// Owns everything a reload changes.
+struct Reloader {
+    dir: PathBuf,
+    tables: Arc<ArcSwap<RoutingTable>>,
+    publish: watch::Sender<Arc<RoutingTable>>,
+    /// Hash of the sources last read, valid or not, so an unchanged broken
+    /// file is not re-reported on every poll.
+    last_hash: u64,
+    status: Arc<Mutex<Status>>,
+}
+
+/// Loads the config directory for the first table.
+pub fn load_initial(dir: &Path) -> Result<Initial, config::ConfigError> {
+    let sources = config::read_sources(dir)?;
+    let hash = hash_sources(&sources);
+    let config = Config::from_sources(sources)?;
+    Ok(Initial { config, hash })
+}
+
+/// Starts the reloader for `dir`, whose current content hashed to `hash` and is
+/// already published in `tables` (generation 1). Returns the admin's handle and
+/// the channel on which every applied table is announced.
+pub fn spawn(
+    dir: PathBuf,
+    hash: u64,
+    tables: Arc<ArcSwap<RoutingTable>>,
+    settings: Settings,
+    shutdown: Shutdown,
+) -> (Handle, watch::Receiver<Arc<RoutingTable>>) {
+    let current = tables.load_full();
+    let m = metrics::get();
+    m.config_generation.set(current.generation as i64);
+    m.config_last_reload_success.set(unix_seconds(SystemTime::now()));
+    let status = Arc::new(Mutex::new(Status {
+        generation: current.generation,
+        last_success: Some(SystemTime::now()),
+        last_error: None,
+    }));
+    let (publish, applied) = watch::channel(current);
+    let (requests, request_rx) = mpsc::channel(8);
+    let reloader = Reloader {
+        dir,
+        tables,
+        publish,
+        last_hash: hash,
+        status: status.clone(),
+    };
+    tokio::spawn(reloader.run(settings, request_rx, shutdown));
+    (Handle { requests, status }, applied)
+}
+
+// === impl Handle ===
+
+impl Handle {
+    /// Reloads now and reports what happened.
+    pub async fn reload(&self) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(tx).await.is_err() {
+            return Outcome::Rejected {
+                error: "the reloader has stopped (shutting down)".to_string(),
+            };
+        }
+        rx.await.unwrap_or(Outcome::Rejected {
+            error: "the reloader has stopped (shutting down)".to_string(),
+        })
+    }
+}
+
+// === impl Reloader ===
+
+impl Reloader {
+    async fn run(
+        mut self,
+        settings: Settings,
+        mut requests: mpsc::Receiver<oneshot::Sender<Outcome>>,
+        shutdown: Shutdown,
+    ) {
+        // Events arrive on notify's own thread; a full channel already means
+        // "something changed", so extra events are dropped, not queued.
+        let (event_tx, mut events) = mpsc::channel::<()>(1);
+        let _watcher = settings.watch.then(|| watch_dir(&self.dir, event_tx)).flatten();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let poll_every = settings.poll_interval.unwrap_or(Duration::MAX);
+        let mut poll = tokio::time::interval_at(
+            tokio::time::Instant::now() + poll_every.min(Duration::from_secs(86400 * 365)),
+            poll_every.min(Duration::from_secs(86400 * 365)),
+        );
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            tokio::select! {
+                Some(()) = events.recv() => {
+                    debounce(&mut events).await;
+                    self.reload("watch");
+                }
+                Some(()) = recv_signal(&mut hup) => { self.reload("SIGHUP"); }
+                _ = poll.tick(), if settings.poll_interval.is_some() => { self.reload("poll"); }
+                Some(reply) = requests.recv() => {
+                    let _ = reply.send(self.reload("admin"));
+                }
+                _ = shutdown.begun.cancelled() => return,
+            }
+        }
+    }
+
+    /// One reload attempt. Never panics, never leaves a half-applied table.
+    fn reload(&mut self, trigger: &'static str) -> Outcome {
+        let sources = match config::read_sources(&self.dir) {
+            Ok(s) => s,
+            Err(e) => return self.reject(trigger, e.to_string()),
+        };
+        let hash = hash_sources(&sources);
+        if hash == self.last_hash {
+            let generation = self.tables.load().generation;
+            tracing::debug!(trigger, generation, "config unchanged");
+            return Outcome::Unchanged { generation };
+        }
+        self.last_hash = hash;
+        let config = match Config::from_sources(sources) {
+            Ok(c) => c,
+            Err(e) => return self.reject(trigger, e.to_string()),
+        };
+
+        let old = self.tables.load_full();
+        let generation = old.generation + 1;
+        let mut new = table::compile(&config, generation);
+        let retired = table::carry_over(&old, &mut new);
+        let new = Arc::new(new);
+        self.tables.store(new.clone());
+        for r in retired {
+            tracing::info!(listener = %r.listener, cluster = %r.cluster, grace = ?r.grace,
+                "route moved by reload: its connections close after the grace");
+            tokio::spawn(async move {
+                tokio::time::sleep(r.grace).await;
+                r.token.cancel();
+            });
+        }
+        self.publish.send_replace(new);
+
+        let now = SystemTime::now();
+        let m = metrics::get();
+        m.config_reloads_total.with_label_values(&["success"]).inc();
+        m.config_generation.set(generation as i64);
+        m.config_last_reload_success.set(unix_seconds(now));
+        if let Ok(mut s) = self.status.lock() {
+            s.generation = generation;
+            s.last_success = Some(now);
+            s.last_error = None;
+        }
+        tracing::info!(trigger, generation, listeners = config.listeners.len(), clusters = config.clusters.len(),
+            "configuration reloaded");
+        Outcome::Applied { generation }
+    }
+
+    fn reject(&mut self, trigger: &'static str, error: String) -> Outcome {
+        metrics::get()
+            .config_reloads_total
+            .with_label_values(&["error"])
+            .inc();
+        tracing::error!(trigger, error = %error, "configuration rejected, keeping the table in use");
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = Some((error.clone(), SystemTime::now()));
+        }
+        Outcome::Rejected { error }
+    }
+}
+
+/// Waits until no event came for [`DEBOUNCE`], or [`DEBOUNCE_MAX`] passed.
+async fn debounce(events: &mut mpsc::Receiver<()>) {
+    let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+    loop {
+        tokio::select! {
+            // Cancel-safe: a lost `recv` only loses a coalesced "changed" mark.
+            Some(()) = events.recv() => {}
+            _ = tokio::time::sleep(DEBOUNCE) => return,
+            _ = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+async fn recv_signal(sig: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches `dir` itself (non-recursive): creations, renames and writes of its
+/// entries, which covers both the kubelet's `..data` swap and in-place edits.
+fn watch_dir(dir: &Path, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && !event.kind.is_access()
+        {
+            let _ = events.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config directory; relying on polling and SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; relying on polling and SIGHUP");
+        return None;
+    }
+    Some(watcher)
+}
+
+/// A hash of file names and contents (or read errors), in order.
+fn hash_sources(sources: &[(PathBuf, std::io::Result<String>)]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for (path, text) in sources {
+        path.hash(&mut h);
+        match text {
+            Ok(t) => t.hash(&mut h),
+            Err(e) => e.to_string().hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
