@@ -23,8 +23,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::listener::BoundAddrs;
-use crate::reload::{self, Outcome};
 use crate::metrics;
+use crate::reload::{self, Outcome};
 use crate::shutdown::Shutdown;
 use crate::table::RoutingTable;
 
@@ -102,9 +102,10 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             text(StatusCode::OK, "shutting down\n")
         }
         ("/reload", &Method::POST) => match state.reloads.reload().await {
-            Outcome::Applied { generation } => {
-                text_owned(StatusCode::OK, format!("reloaded: generation {generation}\n"))
-            }
+            Outcome::Applied { generation } => text_owned(
+                StatusCode::OK,
+                format!("reloaded: generation {generation}\n"),
+            ),
             Outcome::Unchanged { generation } => text_owned(
                 StatusCode::OK,
                 format!("unchanged: generation {generation}\n"),

@@ -101,7 +101,8 @@ pub fn spawn(
     let current = tables.load_full();
     let m = metrics::get();
     m.config_generation.set(current.generation as i64);
-    m.config_last_reload_success.set(unix_seconds(SystemTime::now()));
+    m.config_last_reload_success
+        .set(unix_seconds(SystemTime::now()));
     let status = Arc::new(Mutex::new(Status {
         generation: current.generation,
         last_success: Some(SystemTime::now()),
@@ -149,7 +150,10 @@ impl Reloader {
         // Events arrive on notify's own thread; a full channel already means
         // "something changed", so extra events are dropped, not queued.
         let (event_tx, mut events) = mpsc::channel::<()>(1);
-        let _watcher = settings.watch.then(|| watch_dir(&self.dir, event_tx)).flatten();
+        let _watcher = settings
+            .watch
+            .then(|| watch_dir(&self.dir, event_tx))
+            .flatten();
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let poll_every = settings.poll_interval.unwrap_or(Duration::MAX);
         let mut poll = tokio::time::interval_at(
@@ -218,8 +222,13 @@ impl Reloader {
             s.last_success = Some(now);
             s.last_error = None;
         }
-        tracing::info!(trigger, generation, listeners = config.listeners.len(), clusters = config.clusters.len(),
-            "configuration reloaded");
+        tracing::info!(
+            trigger,
+            generation,
+            listeners = config.listeners.len(),
+            clusters = config.clusters.len(),
+            "configuration reloaded"
+        );
         Outcome::Applied { generation }
     }
 

@@ -41,7 +41,10 @@ pub enum Target {
     Cluster(Route),
     /// Weighted choice per connection. Weights are positive (zero-weight
     /// entries are dropped at compile time) and `total` is their sum.
-    Split { routes: Box<[(Route, u32)]>, total: u32 },
+    Split {
+        routes: Box<[(Route, u32)]>,
+        total: u32,
+    },
 }
 
 /// One listener → cluster path, and the signal that retires it.

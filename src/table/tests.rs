@@ -22,10 +22,12 @@ fn with_listener(target: &str) -> String {
     format!("listeners:\n  - {{ name: app, listen: 127.0.0.1:0, {target} }}\n{CLUSTERS}")
 }
 
-/// (case, old target, new config, retired (listener, cluster) pairs)
+/// (case, old config, new config, retired (listener, cluster) pairs)
+type Case = (&'static str, String, String, &'static [(&'static str, &'static str)]);
+
 #[test]
 fn retirements() {
-    let cases: &[(&str, String, String, &[(&str, &str)])] = &[
+    let cases: &[Case] = &[
         (
             "unchanged",
             with_listener("cluster: old"),
@@ -71,8 +73,10 @@ fn retirements() {
         (
             "connect timeout change is not a new target",
             with_listener("cluster: old"),
-            with_listener("cluster: old")
-                .replace("drain_on_change: 5s }\n  - { name: new", "drain_on_change: 5s, connect_timeout: 1s }\n  - { name: new"),
+            with_listener("cluster: old").replace(
+                "drain_on_change: 5s }\n  - { name: new",
+                "drain_on_change: 5s, connect_timeout: 1s }\n  - { name: new",
+            ),
             &[],
         ),
     ];
@@ -103,7 +107,10 @@ fn surviving_routes_share_their_token() {
     assert_eq!(retired.len(), 1);
     retired[0].token.cancel();
     let g1_route = g1.listeners[0].target.routes().next().unwrap();
-    assert!(g1_route.retired.is_cancelled(), "generation 1's connections are told too");
+    assert!(
+        g1_route.retired.is_cancelled(),
+        "generation 1's connections are told too"
+    );
     let g3_route = g3.listeners[0].target.routes().next().unwrap();
     assert!(!g3_route.retired.is_cancelled());
 }

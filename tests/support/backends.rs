@@ -59,6 +59,19 @@ impl Backend {
         })
     }
 
+    /// Sends `name` and a newline, then echoes like [`Backend::echo`]: a client
+    /// learns which backend it reached and can keep streaming.
+    pub fn named_echo(name: &'static str) -> Backend {
+        Backend::serve(move |mut s: TcpStream| async move {
+            if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+    }
+
     /// Serves each accepted connection with `handler`.
     pub fn serve<F, Fut>(handler: F) -> Backend
     where

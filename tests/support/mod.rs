@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod configmap;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,7 +22,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Legate {
     child: Child,
-    pub dir: tempfile::TempDir,
+    /// The config directory, when the harness made it (not a ConfigMap the test owns).
+    pub dir: Option<tempfile::TempDir>,
     pub admin: SocketAddr,
     log: Arc<(Mutex<Vec<String>>, Condvar)>,
     listeners: HashMap<String, SocketAddr>,
@@ -48,15 +50,27 @@ impl Legate {
         Legate::spawn_in(dir, args)
     }
 
+    /// Starts legate on a ConfigMap volume and waits until it is ready.
+    pub fn start_on(configmap: &configmap::ConfigMap, args: &[&str]) -> Legate {
+        let mut legate = Legate::spawn_at(configmap.path(), None, args);
+        legate.wait_ready();
+        legate
+    }
+
     /// Spawns legate on an existing config directory.
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Legate {
+        let path = dir.path().to_path_buf();
+        Legate::spawn_at(&path, Some(dir), args)
+    }
+
+    fn spawn_at(config: &Path, dir: Option<tempfile::TempDir>, args: &[&str]) -> Legate {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
         // Tests want a prompt exit unless they are about the shutdown delay.
         if !args.contains(&"--shutdown-delay") {
             cmd.args(["--shutdown-delay", "0s"]);
         }
         cmd.arg("--config")
-            .arg(dir.path())
+            .arg(config)
             .args(["--admin", "127.0.0.1:0", "--log", "debug"])
             .args(args)
             .stdin(Stdio::null())
@@ -128,8 +142,12 @@ impl Legate {
             .unwrap_or_else(|| panic!("no bound listener {name}: {:?}", self.listeners))
     }
 
-    pub fn config_dir(&self) -> &Path {
-        self.dir.path()
+    /// Waits until `legate_config_generation` reaches `generation`.
+    pub fn wait_generation(&self, generation: u64) {
+        wait_until(&format!("config generation {generation}"), || {
+            self.metric("legate_config_generation") >= generation as f64
+        });
+        assert_eq!(self.metric("legate_config_generation"), generation as f64);
     }
 
     pub fn pid(&self) -> u32 {
