@@ -23,7 +23,12 @@ fn with_listener(target: &str) -> String {
 }
 
 /// (case, old config, new config, retired (listener, cluster) pairs)
-type Case = (&'static str, String, String, &'static [(&'static str, &'static str)]);
+type Case = (
+    &'static str,
+    String,
+    String,
+    &'static [(&'static str, &'static str)],
+);
 
 #[test]
 fn retirements() {
