@@ -20,9 +20,29 @@ use serde_saphyr::{Location, Spanned};
 /// A complete, validated configuration, merged from every file of the directory.
 #[derive(Debug)]
 pub struct Config {
+    pub resolver: ResolverConfig,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
 }
+
+/// The top-level `resolver:`: how endpoint names are resolved. At most one file sets it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// `IP:PORT` of name servers; empty means /etc/resolv.conf (search domains and ndots included).
+    #[serde(default)]
+    pub nameservers: Vec<NameServer>,
+    /// Answers are re-resolved no sooner than this after they arrive. Default 1s.
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl: HumanDuration,
+    /// ... and no later than this, whatever their TTL. Default 300s.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: HumanDuration,
+}
+
+/// A name server address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameServer(pub SocketAddr);
 
 /// One `listeners[]` entry.
 #[derive(Debug, Deserialize)]
@@ -56,11 +76,18 @@ pub struct SplitConfig {
 pub struct ClusterConfig {
     /// Unique across all files; the `cluster` label in metrics.
     pub name: Spanned<String>,
-    /// `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT`; at least one.
+    /// `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT` (re-resolved by TTL; a name may
+    /// stand for several addresses); at least one.
     pub endpoints: Spanned<Vec<Spanned<EndpointConfig>>>,
     /// Default `round_robin`.
     #[serde(default)]
     pub lb: LbPolicy,
+    /// Clusters to send new connections to, in order, when no endpoint here is
+    /// healthy or all connects failed.
+    #[serde(default)]
+    pub failover: Vec<Spanned<String>>,
+    /// Active health checks; without it, only connect failures (passive) count.
+    pub health: Option<Spanned<HealthConfig>>,
     /// Per attempt; a timed-out endpoint is skipped for the next. Default 5s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
@@ -69,6 +96,27 @@ pub struct ClusterConfig {
     /// old target are closed after this grace so the app reconnects to the new
     /// one. Unset: old connections live until they end.
     pub drain_on_change: Option<HumanDuration>,
+}
+
+/// `health:` of a cluster: a probe every `interval` (with jitter), `unhealthy`
+/// consecutive failures mark an endpoint down, `healthy` consecutive successes up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Default 5s.
+    #[serde(default = "default_health_interval")]
+    pub interval: HumanDuration,
+    /// Per probe. Default 1s.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: HumanDuration,
+    /// Default 3.
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy: u32,
+    /// Default 2.
+    #[serde(default = "default_healthy")]
+    pub healthy: u32,
+    /// When set, the probe is `GET <http_path>` expecting a 2xx; otherwise a TCP connect.
+    pub http_path: Option<String>,
 }
 
 /// Listener protocols. HTTP arrives with its own issue; until then `http` is an
@@ -84,20 +132,36 @@ pub enum Protocol {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
+    /// In turn.
     #[default]
     RoundRobin,
+    /// Fewest active connections; ties broken at random.
+    LeastConn,
+    /// Power of two random choices, the one with fewer active connections.
+    Random,
+    /// Consistent (rendezvous) hashing on the client IP: a client sticks to an endpoint.
+    Hash,
 }
 
 /// A listen address: an IP literal and a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
 
-/// An upstream endpoint as written (`10.0.0.7:5432`, `localhost:6379`) and the
-/// socket address it stands for.
+/// An upstream endpoint as written (`10.0.0.7:5432`, `db.prod.internal:5432`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
     pub written: String,
-    pub addr: SocketAddr,
+    pub target: EndpointTarget,
+}
+
+/// What an endpoint stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointTarget {
+    /// An IP literal (or `localhost`, which is 127.0.0.1).
+    Addr(SocketAddr),
+    /// A DNS name, resolved and re-resolved at run time. A trailing dot makes
+    /// it absolute (no search domains).
+    Name { host: String, port: u16 },
 }
 
 /// A duration written as `250ms`, `5s`, `1m`.
@@ -124,6 +188,7 @@ pub struct Diagnostic {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    resolver: Option<Spanned<ResolverConfig>>,
     #[serde(default)]
     listeners: Vec<ListenerConfig>,
     #[serde(default)]
@@ -132,6 +197,34 @@ struct FileConfig {
 
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
+}
+fn default_min_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_max_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_health_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+fn default_healthy() -> u32 {
+    2
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            nameservers: Vec::new(),
+            min_ttl: default_min_ttl(),
+            max_ttl: default_max_ttl(),
+        }
+    }
 }
 
 // === impl Config ===
@@ -354,7 +447,23 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
     let mut clusters = Vec::new();
     let mut listener_files = Vec::new();
     let mut cluster_files = Vec::new();
+    let mut resolver: Option<(PathBuf, Spanned<ResolverConfig>)> = None;
     for (path, file) in files {
+        if let Some(r) = file.resolver {
+            match &resolver {
+                Some((first, at)) => diagnostics.push(Diagnostic::new(
+                    &path,
+                    r.referenced.line(),
+                    r.referenced.column(),
+                    format!(
+                        "duplicate \"resolver\" section (first defined at {}:{})",
+                        first.display(),
+                        at.referenced.line()
+                    ),
+                )),
+                None => resolver = Some((path.clone(), r)),
+            }
+        }
         for l in file.listeners {
             listener_files.push(path.clone());
             listeners.push(l);
@@ -395,6 +504,84 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
                 format!("field \"endpoints\": cluster \"{name}\" needs at least one endpoint"),
             );
         }
+        if let Some(h) = &c.health {
+            let loc = &h.referenced;
+            let h = &h.value;
+            if h.unhealthy == 0 || h.healthy == 0 {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": unhealthy and healthy thresholds must be at least 1"
+                        .to_string(),
+                );
+            }
+            if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": interval and timeout must be above 0".to_string(),
+                );
+            } else if h.timeout.0 > h.interval.0 {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": timeout must not exceed interval".to_string(),
+                );
+            }
+            if h.http_path
+                .as_ref()
+                .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
+            {
+                at(
+                    file,
+                    loc,
+                    "field \"http_path\": must start with '/' and contain no spaces".to_string(),
+                );
+            }
+        }
+    }
+    for (c, file) in clusters.iter().zip(&cluster_files) {
+        let mut seen = HashSet::new();
+        for f in &c.failover {
+            if f.value == c.name.value {
+                at(
+                    file,
+                    &f.referenced,
+                    format!(
+                        "field \"failover\": cluster \"{}\" cannot fail over to itself",
+                        f.value
+                    ),
+                );
+            } else if !cluster_names.contains_key(f.value.as_str()) {
+                at(
+                    file,
+                    &f.referenced,
+                    unknown_cluster(&f.value, &cluster_names).replacen(
+                        "field \"cluster\"",
+                        "field \"failover\"",
+                        1,
+                    ),
+                );
+            } else if !seen.insert(f.value.as_str()) {
+                at(
+                    file,
+                    &f.referenced,
+                    format!(
+                        "field \"failover\": cluster \"{}\" is listed twice",
+                        f.value
+                    ),
+                );
+            }
+        }
+    }
+    if let Some((file, r)) = &resolver
+        && r.value.min_ttl.0 > r.value.max_ttl.0
+    {
+        at(
+            file,
+            &r.referenced,
+            "field \"resolver\": min_ttl must not exceed max_ttl".to_string(),
+        );
     }
 
     let mut listener_names: HashMap<&str, (&Path, &Location)> = HashMap::new();
@@ -491,6 +678,7 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
     }
 
     Config {
+        resolver: resolver.map(|(_, r)| r.value).unwrap_or_default(),
         listeners,
         clusters,
     }
@@ -599,17 +787,17 @@ impl<'de> Deserialize<'de> for EndpointConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let written = String::deserialize(d)?;
         parse_endpoint(&written)
-            .map(|addr| EndpointConfig {
+            .map(|target| EndpointConfig {
                 written: written.clone(),
-                addr,
+                target,
             })
             .map_err(serde::de::Error::custom)
     }
 }
 
-fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+fn parse_endpoint(s: &str) -> Result<EndpointTarget, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
+        return Ok(EndpointTarget::Addr(addr));
     }
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(format!("invalid endpoint \"{s}\": expected HOST:PORT"));
@@ -618,16 +806,65 @@ fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
         format!("invalid endpoint \"{s}\": port \"{port}\" is not a number 0-65535")
     })?;
     if host.eq_ignore_ascii_case("localhost") {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        return Ok(EndpointTarget::Addr(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port,
+        )));
     }
     if host.parse::<std::net::Ipv6Addr>().is_ok() {
         return Err(format!(
             "invalid endpoint \"{s}\": write IPv6 addresses in brackets, e.g. [{host}]:{port}"
         ));
     }
+    if host.parse::<Ipv4Addr>().is_err() && is_dns_name(host) {
+        return Ok(EndpointTarget::Name {
+            host: host.to_string(),
+            port,
+        });
+    }
     Err(format!(
-        "invalid endpoint \"{s}\": use an IP address or localhost (DNS names are not supported yet)"
+        "invalid endpoint \"{s}\": \"{host}\" is neither an IP address nor a DNS name"
     ))
+}
+
+/// RFC 1123 host names: labels of letters, digits and '-', not starting or
+/// ending with '-', at most 63 characters each; one trailing dot allowed.
+fn is_dns_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    // An all-numeric last label is a mistyped IP (`1.2.3`), not a name.
+    let numeric_tld = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()));
+    !name.is_empty()
+        && !numeric_tld
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+// === impl NameServer ===
+
+impl<'de> Deserialize<'de> for NameServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(NameServer(addr));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(NameServer(SocketAddr::new(ip, 53)));
+        }
+        Err(serde::de::Error::custom(format!(
+            "invalid name server \"{s}\": expected IP or IP:PORT, e.g. 10.96.0.10:53"
+        )))
+    }
 }
 
 // === impl HumanDuration ===

@@ -57,7 +57,12 @@ pub enum StartError {
 /// Runs the proxy until a shutdown (signal or `POST /quitquitquit`) has drained.
 pub async fn run(opts: Options) -> Result<(), StartError> {
     let initial = reload::load_initial(&opts.config_dir)?;
-    let tables = Arc::new(ArcSwap::from_pointee(table::compile(&initial.config, 1)));
+    let tables = Arc::new(ArcSwap::from_pointee(table::compile(
+        &initial.config,
+        1,
+        None,
+    )));
+    tables.load().start();
     tracing::info!(
         config = %opts.config_dir.display(),
         listeners = initial.config.listeners.len(),
@@ -122,5 +127,5 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
 /// `legate check`: validates the directory and returns the compiled table as JSON.
 pub fn check(dir: &Path) -> Result<serde_json::Value, ConfigError> {
     let config = Config::load(dir)?;
-    Ok(table::compile(&config, 1).describe(&Default::default()))
+    Ok(table::compile(&config, 1, None).describe(&Default::default()))
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::shutdown::Shutdown;
 use crate::table::RoutingTable;
 use crate::tcp;
+use crate::upstream;
 
 /// The address each listener actually bound (port 0 resolved), shown by `/config`.
 /// Written on bind, read by the admin server: never on the connection path.
@@ -226,11 +227,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
 
     let began = Instant::now();
     let route = listener.target.pick();
-    let cluster = &route.cluster;
-    let (mut upstream, endpoint) = match cluster.connect().await {
+    let upstream::Connected {
+        stream: mut upstream,
+        cluster,
+        endpoint,
+        active: _active_on_endpoint,
+    } = match upstream::connect(&route.cluster, &route.failover, peer).await {
         Ok(connected) => connected,
         Err(e) => {
-            tracing::warn!(listener = name, client = %peer, cluster = %cluster.name, error = %e, "closing client: no upstream");
+            tracing::warn!(listener = name, client = %peer, error = %e, "closing client: no upstream");
             return;
         }
     };
@@ -238,7 +243,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
         r = tcp::forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream) => r,
         _ = route.retired.cancelled() => {
             tracing::info!(
-                listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,
+                listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
                 "closing connection: a reload moved this route (drain_on_change)"
             );
             return;
@@ -246,12 +251,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
     };
     match forwarded {
         Ok(t) => tracing::debug!(
-            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,
+            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
             bytes_upstream = t.upstream, bytes_downstream = t.downstream,
             duration_ms = began.elapsed().as_millis() as u64, "connection closed"
         ),
         Err(e) => tracing::debug!(
-            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.written,
+            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
             error = %e, duration_ms = began.elapsed().as_millis() as u64, "connection ended with error"
         ),
     }

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub bytes_total: IntCounterVec,
     pub upstream_connects_total: IntCounterVec,
     pub upstream_connect_seconds: HistogramVec,
+    pub endpoint_healthy: IntGaugeVec,
+    pub cluster_failovers_total: IntCounterVec,
+    pub dns_resolutions_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
@@ -44,7 +47,8 @@ pub struct ClusterMetrics {
     pub connect_timeout: IntCounter,
     /// Any other connect error (unreachable network, no route, ...).
     pub connect_error: IntCounter,
-    /// Counted once per client turned away because no endpoint answered.
+    /// Counted once per client turned away because no endpoint of the route's
+    /// clusters (primary and failover) answered.
     pub no_healthy_endpoint: IntCounter,
     pub connect_seconds: Histogram,
 }
@@ -106,6 +110,30 @@ impl Metrics {
         )
         .expect("static metric definition");
 
+        let endpoint_healthy = IntGaugeVec::new(
+            Opts::new(
+                "legate_endpoint_healthy",
+                "1 when new connections may use the endpoint (up by active checks, not ejected by failed connects).",
+            ),
+            &["cluster", "endpoint"],
+        )
+        .expect("static metric definition");
+        let cluster_failovers_total = IntCounterVec::new(
+            Opts::new(
+                "legate_cluster_failovers_total",
+                "Connections served by a failover cluster because the primary had no healthy endpoint.",
+            ),
+            &["cluster", "to"],
+        )
+        .expect("static metric definition");
+        let dns_resolutions_total = IntCounterVec::new(
+            Opts::new(
+                "legate_dns_resolutions_total",
+                "Resolutions of endpoint names by result (ok, error).",
+            ),
+            &["cluster", "result"],
+        )
+        .expect("static metric definition");
         let config_reloads_total = IntCounterVec::new(
             Opts::new(
                 "legate_config_reloads_total",
@@ -135,6 +163,9 @@ impl Metrics {
             Box::new(bytes_total.clone()),
             Box::new(upstream_connects_total.clone()),
             Box::new(upstream_connect_seconds.clone()),
+            Box::new(endpoint_healthy.clone()),
+            Box::new(cluster_failovers_total.clone()),
+            Box::new(dns_resolutions_total.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -155,6 +186,9 @@ impl Metrics {
             bytes_total,
             upstream_connects_total,
             upstream_connect_seconds,
+            endpoint_healthy,
+            cluster_failovers_total,
+            dns_resolutions_total,
             config_reloads_total,
             config_generation,
             config_last_reload_success,

@@ -198,8 +198,9 @@ impl Reloader {
 
         let old = self.tables.load_full();
         let generation = old.generation + 1;
-        let mut new = table::compile(&config, generation);
+        let mut new = table::compile(&config, generation, Some(&old));
         let retired = table::carry_over(&old, &mut new);
+        new.start();
         let new = Arc::new(new);
         self.tables.store(new.clone());
         for r in retired {

@@ -14,8 +14,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Protocol};
+use crate::config::{EndpointTarget, LbPolicy};
 use crate::metrics;
-use crate::upstream::{Cluster, Endpoint};
+use crate::upstream::{Cluster, ClusterSpec};
 
 /// One generation of the whole configuration, ready to serve.
 pub struct RoutingTable {
@@ -50,6 +51,8 @@ pub enum Target {
 /// One listener → cluster path, and the signal that retires it.
 pub struct Route {
     pub cluster: Arc<Cluster>,
+    /// Tried in order when `cluster` has no healthy endpoint.
+    pub failover: Box<[Arc<Cluster>]>,
     /// Shared by every table generation in which this listener still sends to
     /// this cluster with the same endpoints ([`carry_over`]). Cancelled, after
     /// the cluster's `drain_on_change` grace, once a reload sends the traffic
@@ -69,47 +72,63 @@ pub struct Retired {
 // === impl RoutingTable ===
 
 /// Compiles a validated config. Infallible: everything that could be wrong was
-/// rejected by `Config::load`.
-pub fn compile(config: &Config, generation: u64) -> RoutingTable {
+/// rejected by `Config::load`. A cluster whose spec equals one in `previous`
+/// is taken over as is, so its endpoint health, DNS answers and background
+/// tasks carry on across the reload.
+pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>) -> RoutingTable {
     let m = metrics::get();
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
         .map(|c| {
-            let name: Arc<str> = Arc::from(c.name.value.as_str());
-            let endpoints = c
-                .endpoints
-                .value
-                .iter()
-                .map(|e| Endpoint {
-                    written: Arc::from(e.value.written.as_str()),
-                    addr: e.value.addr,
-                })
-                .collect();
-            Arc::new(Cluster::new(
-                name.clone(),
-                endpoints,
-                c.connect_timeout.0,
-                c.drain_on_change.map(|d| d.0),
-                m.cluster(&name),
-            ))
+            let spec = ClusterSpec {
+                endpoints: c.endpoints.value.iter().map(|e| e.value.clone()).collect(),
+                lb: c.lb,
+                connect_timeout: c.connect_timeout.0,
+                drain_on_change: c.drain_on_change.map(|d| d.0),
+                health: c.health.as_ref().map(|h| h.value.clone()),
+                resolver: config.resolver.clone(),
+            };
+            let kept = previous
+                .and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value))
+                .filter(|old| *old.spec() == spec);
+            match kept {
+                Some(old) => old.clone(),
+                None => Arc::new(Cluster::new(Arc::from(c.name.value.as_str()), spec)),
+            }
         })
         .collect();
     let by_name: HashMap<&str, &Arc<Cluster>> = clusters.iter().map(|c| (&*c.name, c)).collect();
-    let resolve = |name: &str| Arc::clone(by_name[name]);
+    let failover_of: HashMap<&str, Box<[Arc<Cluster>]>> = config
+        .clusters
+        .iter()
+        .map(|c| {
+            let chain = c
+                .failover
+                .iter()
+                .map(|f| Arc::clone(by_name[f.value.as_str()]))
+                .collect();
+            (c.name.value.as_str(), chain)
+        })
+        .collect();
+    let route = |name: &str| Route {
+        cluster: Arc::clone(by_name[name]),
+        failover: failover_of[name].clone(),
+        retired: CancellationToken::new(),
+    };
 
     let listeners = config
         .listeners
         .iter()
         .map(|l| {
             let target = match (&l.cluster, &l.split) {
-                (Some(c), _) => Target::Cluster(Route::new(resolve(&c.value))),
+                (Some(c), _) => Target::Cluster(route(&c.value)),
                 (None, Some(split)) => {
                     let routes: Box<[(Route, u32)]> = split
                         .value
                         .iter()
                         .filter(|s| s.weight > 0)
-                        .map(|s| (Route::new(resolve(&s.cluster.value)), s.weight))
+                        .map(|s| (route(&s.cluster.value), s.weight))
                         .collect();
                     let total = routes.iter().map(|(_, w)| w).sum();
                     Target::Split { routes, total }
@@ -134,6 +153,14 @@ pub fn compile(config: &Config, generation: u64) -> RoutingTable {
 }
 
 impl RoutingTable {
+    /// Starts the background work of every cluster (DNS refresh, health
+    /// probes); clusters kept from an earlier table are already running.
+    pub fn start(&self) {
+        for c in &self.clusters {
+            c.start();
+        }
+    }
+
     pub fn listener(&self, name: &str) -> Option<&Listener> {
         self.listeners.iter().find(|l| &*l.name == name)
     }
@@ -170,17 +197,47 @@ impl RoutingTable {
             .clusters
             .iter()
             .map(|c| {
+                let spec = c.spec();
                 let mut v = json!({
                     "name": &*c.name,
-                    "endpoints": c.endpoints().iter().map(|e| json!({
-                        "endpoint": &*e.written,
-                        "address": e.addr.to_string(),
+                    "endpoints": spec.endpoints.iter().map(|e| match &e.target {
+                        EndpointTarget::Addr(a) => json!({ "endpoint": e.written, "address": a.to_string() }),
+                        EndpointTarget::Name { .. } => json!({ "endpoint": e.written, "dns": true }),
+                    }).collect::<Vec<_>>(),
+                    "resolved": c.endpoints().iter().map(|e| json!({
+                        "address": &*e.label,
+                        "healthy": e.is_available(),
+                        "active_connections": e.active(),
                     })).collect::<Vec<_>>(),
-                    "lb": "round_robin",
-                    "connect_timeout": humantime::format_duration(c.connect_timeout()).to_string(),
+                    "lb": match spec.lb {
+                        LbPolicy::RoundRobin => "round_robin",
+                        LbPolicy::LeastConn => "least_conn",
+                        LbPolicy::Random => "random",
+                        LbPolicy::Hash => "hash",
+                    },
+                    "connect_timeout": humantime::format_duration(spec.connect_timeout).to_string(),
                 });
-                if let Some(grace) = c.drain_on_change() {
+                if let Some(grace) = spec.drain_on_change {
                     v["drain_on_change"] = json!(humantime::format_duration(grace).to_string());
+                }
+                if let Some(h) = &spec.health {
+                    v["health"] = json!({
+                        "interval": humantime::format_duration(h.interval.0).to_string(),
+                        "timeout": humantime::format_duration(h.timeout.0).to_string(),
+                        "unhealthy": h.unhealthy,
+                        "healthy": h.healthy,
+                        "http_path": h.http_path,
+                    });
+                }
+                let failover: Vec<&str> = self
+                    .listeners
+                    .iter()
+                    .flat_map(|l| l.target.routes())
+                    .find(|r| Arc::ptr_eq(&r.cluster, c))
+                    .map(|r| r.failover.iter().map(|f| &*f.name).collect())
+                    .unwrap_or_default();
+                if !failover.is_empty() {
+                    v["failover"] = json!(failover);
                 }
                 v
             })
@@ -224,7 +281,7 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
                 Some(r) => r.retired = old_route.retired.clone(),
                 // A listener that left the config drains on its own: its app cannot reconnect to it.
                 None if listener_stays => {
-                    if let Some(grace) = old_route.cluster.drain_on_change() {
+                    if let Some(grace) = old_route.cluster.spec().drain_on_change {
                         retired.push(Retired {
                             listener: old_listener.name.clone(),
                             cluster: old_route.cluster.name.clone(),
@@ -238,17 +295,6 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
         }
     }
     retired
-}
-
-// === impl Route ===
-
-impl Route {
-    fn new(cluster: Arc<Cluster>) -> Self {
-        Route {
-            cluster,
-            retired: CancellationToken::new(),
-        }
-    }
 }
 
 // === impl Target ===

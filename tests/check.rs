@@ -128,7 +128,13 @@ fn bad_listen_address_is_rejected() {
 
 #[test]
 fn bad_endpoint_is_rejected() {
-    for bad in ["db", "db.example.com:5432", "127.0.0.1:x", "::1:5432"] {
+    for bad in [
+        "db",
+        "db example:5432",
+        "1.2.3:80",
+        "127.0.0.1:x",
+        "::1:5432",
+    ] {
         let err = rejected(&[(
             "routes.yaml",
             &format!("clusters:\n  - name: db\n    endpoints:\n      - \"{bad}\"\n"),

@@ -58,23 +58,31 @@ fn durations() {
 
 #[test]
 fn endpoints() {
+    let addr = |s: &str| Ok(EndpointTarget::Addr(s.parse().unwrap()));
+    let name = |h: &str, port| {
+        Ok(EndpointTarget::Name {
+            host: h.to_string(),
+            port,
+        })
+    };
+    assert_eq!(parse_endpoint("10.0.0.7:5432"), addr("10.0.0.7:5432"));
+    assert_eq!(parse_endpoint("[::1]:80"), addr("[::1]:80"));
+    assert_eq!(parse_endpoint("localhost:6379"), addr("127.0.0.1:6379"));
     assert_eq!(
-        parse_endpoint("10.0.0.7:5432"),
-        Ok("10.0.0.7:5432".parse().unwrap())
+        parse_endpoint("db.internal:5432"),
+        name("db.internal", 5432)
     );
-    assert_eq!(parse_endpoint("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
     assert_eq!(
-        parse_endpoint("localhost:6379"),
-        Ok("127.0.0.1:6379".parse().unwrap())
+        parse_endpoint("db.prod.svc.cluster.local.:5432"),
+        name("db.prod.svc.cluster.local.", 5432)
     );
     assert!(parse_endpoint("::1:80").unwrap_err().contains("brackets"));
-    assert!(
-        parse_endpoint("db.internal:5432")
-            .unwrap_err()
-            .contains("DNS")
-    );
     assert!(parse_endpoint("localhost").is_err());
     assert!(parse_endpoint("localhost:70000").is_err());
+    assert!(parse_endpoint("bad host:1").is_err());
+    assert!(parse_endpoint("-x.example:1").is_err());
+    assert!(parse_endpoint("1.2.3:80").is_err());
+    assert!(parse_endpoint("a..b:80").is_err());
 }
 
 #[test]

@@ -1,131 +1,314 @@
-//! Clusters and their endpoints: choosing one and connecting to it.
+//! Clusters and their endpoints: where connections may go, and getting one there.
 //!
-//! A [`Cluster`] is built by `table::compile` from a validated config and lives
-//! inside one routing-table snapshot; its only mutable state is the round-robin
-//! cursor, an atomic, so connections never take a lock to pick an endpoint.
-//! What this module hands back is a connected `TcpStream`; what flows over it
-//! is the listener's business.
+//! A [`Cluster`] is built by `table::compile` from a validated config and is
+//! shared by every table generation in which its config is unchanged, so its
+//! live state survives reloads: the endpoint set (static addresses plus what
+//! [`dns`] resolved), each endpoint's [`health`] and active-connection count,
+//! and the round-robin cursor. All of it is atomics or an `ArcSwap`, so a
+//! connection never takes a lock. [`failover`] walks a route's clusters and
+//! uses [`lb`] to choose an endpoint; the result is a connected `TcpStream`.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
-use crate::metrics::ClusterMetrics;
+use crate::config::{EndpointConfig, EndpointTarget, HealthConfig, LbPolicy, ResolverConfig};
+use crate::metrics::{self, ClusterMetrics};
+
+pub mod dns;
+pub mod failover;
+pub mod health;
+pub mod lb;
+
+pub use failover::{ConnectError, Connected, connect};
 
 /// A named group of interchangeable endpoints.
 pub struct Cluster {
     pub name: Arc<str>,
-    endpoints: Box<[Endpoint]>,
-    connect_timeout: Duration,
-    drain_on_change: Option<Duration>,
-    /// Round-robin cursor; wraps, only its value modulo the endpoint count matters.
-    next: AtomicUsize,
+    spec: ClusterSpec,
+    /// The endpoints connections may use now. Replaced whole by DNS refreshes;
+    /// endpoints that stay keep their `Arc` (and so their health and counts).
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// True once every name has been resolved at least once (at once when
+    /// there are no names), so first connections wait for DNS instead of failing.
+    resolved: watch::Sender<bool>,
+    /// Round-robin cursor; wraps, only its value modulo the candidates matters.
+    cursor: AtomicUsize,
+    /// Set when the background tasks (DNS, health probes) have been started.
+    started: AtomicBool,
     metrics: ClusterMetrics,
 }
 
-/// One backend address as the user wrote it, and where it points.
+/// Everything in the config that defines a cluster's behaviour. Two clusters
+/// with equal specs are interchangeable, which is what lets a reload keep the
+/// running one (and its health state) instead of starting from scratch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// As written in the config (`10.0.0.7:5432`, `localhost:6379`): the name in logs.
-    pub written: Arc<str>,
-    pub addr: SocketAddr,
+pub struct ClusterSpec {
+    pub endpoints: Vec<EndpointConfig>,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub drain_on_change: Option<Duration>,
+    pub health: Option<HealthConfig>,
+    pub resolver: ResolverConfig,
 }
 
-/// Why a cluster could not give a connection.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// Every endpoint was tried once and none accepted in time. Nothing was sent,
-    /// so the caller may always try elsewhere.
-    #[error("no endpoint of cluster \"{cluster}\" answered ({attempts} tried)")]
-    NoEndpointAnswered { cluster: Arc<str>, attempts: usize },
+/// One backend address and its live state.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `IP:PORT`: the `endpoint` label in metrics and logs.
+    pub label: Arc<str>,
+    health: health::Health,
+    /// Connections open through legate to this endpoint (for `least_conn`, `random`).
+    active: AtomicUsize,
+    healthy_gauge: IntGauge,
 }
+
+/// Decrements an endpoint's active count when the connection ends.
+pub struct ActiveGuard(Arc<Endpoint>);
 
 // === impl Cluster ===
 
 impl Cluster {
-    /// A cluster over `endpoints` (never empty: the config checked it).
-    pub fn new(
-        name: Arc<str>,
-        endpoints: Vec<Endpoint>,
-        connect_timeout: Duration,
-        drain_on_change: Option<Duration>,
-        metrics: ClusterMetrics,
-    ) -> Self {
+    pub fn new(name: Arc<str>, spec: ClusterSpec) -> Self {
+        let metrics = metrics::get().cluster(&name);
+        let statics: Vec<Arc<Endpoint>> = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| match e.target {
+                EndpointTarget::Addr(addr) => Some(Arc::new(Endpoint::new(&name, addr))),
+                EndpointTarget::Name { .. } => None,
+            })
+            .collect();
+        let has_names = spec
+            .endpoints
+            .iter()
+            .any(|e| matches!(e.target, EndpointTarget::Name { .. }));
         Cluster {
             name,
-            endpoints: endpoints.into_boxed_slice(),
-            connect_timeout,
-            drain_on_change,
-            next: AtomicUsize::new(0),
+            spec,
+            endpoints: ArcSwap::from_pointee(statics),
+            resolved: watch::Sender::new(!has_names),
+            cursor: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
             metrics,
         }
     }
 
-    pub fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
     }
 
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
-
-    /// Grace before connections are closed when a reload moves this cluster's traffic.
-    pub fn drain_on_change(&self) -> Option<Duration> {
-        self.drain_on_change
-    }
-
-    /// Whether `other` sends connections to the same place: same name, same endpoints.
-    pub fn same_target(&self, other: &Cluster) -> bool {
-        self.name == other.name && self.endpoints == other.endpoints
-    }
-
-    /// Connects to the next endpoint in round-robin order. A refused or timed-out
-    /// endpoint is skipped for the one after it, so the app only sees a failure
-    /// when every endpoint failed.
-    pub async fn connect(&self) -> Result<(TcpStream, &Endpoint), ConnectError> {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let endpoint = &self.endpoints[(start + i) % n];
-            let began = Instant::now();
-            let attempt =
-                tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint.addr));
-            match attempt.await {
-                Ok(Ok(stream)) => {
-                    self.metrics.connect_ok.inc();
-                    self.metrics
-                        .connect_seconds
-                        .observe(began.elapsed().as_secs_f64());
-                    // Small writes (protocol handshakes, queries) must not wait for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, endpoint));
+    /// Starts the background work this cluster needs (DNS refresh, health
+    /// probes). Idempotent: a cluster kept across reloads is started once.
+    /// Tasks hold a `Weak` and end once the last table using the cluster is gone.
+    pub fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let names: Vec<(String, u16)> = self
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|e| match &e.target {
+                EndpointTarget::Name { host, port } => Some((host.clone(), *port)),
+                EndpointTarget::Addr(_) => None,
+            })
+            .collect();
+        if !names.is_empty() {
+            match dns::Dns::new(&self.spec.resolver) {
+                Ok(resolver) => {
+                    tokio::spawn(dns::run(Arc::downgrade(self), resolver, names));
                 }
-                Ok(Err(e)) => {
-                    self.count_failure(&e);
-                    tracing::warn!(cluster = %self.name, endpoint = %endpoint.written, error = %e, "upstream connect failed");
-                }
-                Err(_) => {
-                    self.metrics.connect_timeout.inc();
-                    tracing::warn!(cluster = %self.name, endpoint = %endpoint.written, timeout = ?self.connect_timeout, "upstream connect timed out");
+                Err(e) => {
+                    tracing::error!(cluster = %self.name, error = %e, "cannot create the DNS resolver; names in this cluster stay unresolved");
+                    self.resolved.send_replace(true);
                 }
             }
         }
-        self.metrics.no_healthy_endpoint.inc();
-        Err(ConnectError::NoEndpointAnswered {
-            cluster: self.name.clone(),
-            attempts: n,
-        })
-    }
-
-    fn count_failure(&self, e: &io::Error) {
-        match e.kind() {
-            io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
-            io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
-            _ => self.metrics.connect_error.inc(),
+        if let Some(check) = &self.spec.health {
+            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
         }
     }
+
+    /// The endpoints in use now, healthy or not.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// The endpoints a new connection may try now: up by active checks and not ejected.
+    pub fn available(&self) -> Vec<Arc<Endpoint>> {
+        let now = health::now_ms();
+        self.endpoints
+            .load()
+            .iter()
+            .filter(|e| e.health.available(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `other` sends connections to the same place: same name, same
+    /// endpoints as written (a DNS answer changing is not a new target).
+    pub fn same_target(&self, other: &Cluster) -> bool {
+        self.name == other.name && self.spec.endpoints == other.spec.endpoints
+    }
+
+    /// Replaces the resolved part of the endpoint set with `resolved` (static
+    /// addresses always stay). Endpoints present before keep their state.
+    pub(crate) fn set_resolved(&self, resolved: &[SocketAddr]) {
+        let old = self.endpoints.load_full();
+        let mut addrs: Vec<SocketAddr> = self
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|e| match e.target {
+                EndpointTarget::Addr(a) => Some(a),
+                EndpointTarget::Name { .. } => None,
+            })
+            .collect();
+        for a in resolved {
+            if !addrs.contains(a) {
+                addrs.push(*a);
+            }
+        }
+        let unchanged = addrs.len() == old.len() && old.iter().all(|e| addrs.contains(&e.addr));
+        if !unchanged {
+            let next: Vec<Arc<Endpoint>> = addrs
+                .iter()
+                .map(|a| match old.iter().find(|e| e.addr == *a) {
+                    Some(e) => e.clone(),
+                    None => Arc::new(Endpoint::new(&self.name, *a)),
+                })
+                .collect();
+            for gone in old.iter().filter(|e| !addrs.contains(&e.addr)) {
+                let _ = metrics::get()
+                    .endpoint_healthy
+                    .remove_label_values(&[&self.name, &gone.label]);
+            }
+            tracing::info!(
+                cluster = %self.name,
+                endpoints = ?addrs,
+                "endpoint set changed"
+            );
+            self.endpoints.store(Arc::new(next));
+        }
+        self.resolved.send_replace(true);
+    }
+
+    /// Waits (up to the connect timeout) for the first DNS answers.
+    async fn wait_resolved(&self) {
+        let mut rx = self.resolved.subscribe();
+        if !*rx.borrow() {
+            let _ = tokio::time::timeout(self.spec.connect_timeout, rx.wait_for(|r| *r)).await;
+        }
+    }
+
+    /// One connect attempt to `endpoint`, counted and fed to passive health.
+    async fn try_connect(&self, endpoint: &Arc<Endpoint>) -> io::Result<TcpStream> {
+        let began = Instant::now();
+        let attempt =
+            tokio::time::timeout(self.spec.connect_timeout, TcpStream::connect(endpoint.addr));
+        let result = match attempt.await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.spec.connect_timeout),
+            )),
+        };
+        match &result {
+            Ok(stream) => {
+                self.metrics.connect_ok.inc();
+                self.metrics
+                    .connect_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                endpoint.connect_succeeded();
+                // Small writes (protocol handshakes, queries) must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+            }
+            Err(e) => {
+                match e.kind() {
+                    io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
+                    io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
+                    _ => self.metrics.connect_error.inc(),
+                }
+                let ejected_for = endpoint.connect_failed();
+                tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
+                    ejected_for = ?ejected_for, "upstream connect failed");
+            }
+        }
+        result
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    fn new(cluster: &str, addr: SocketAddr) -> Self {
+        let label: Arc<str> = Arc::from(addr.to_string());
+        let healthy_gauge = metrics::get()
+            .endpoint_healthy
+            .with_label_values(&[cluster, &label]);
+        healthy_gauge.set(1);
+        Endpoint {
+            addr,
+            label,
+            health: health::Health::default(),
+            active: AtomicUsize::new(0),
+            healthy_gauge,
+        }
+    }
+
+    /// Connections open to this endpoint now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether new connections may use it: up by active checks, not ejected.
+    pub fn is_available(&self) -> bool {
+        self.health.available(health::now_ms())
+    }
+
+    fn connect_succeeded(&self) {
+        self.health.connect_succeeded();
+        self.update_gauge();
+    }
+
+    fn connect_failed(&self) -> Duration {
+        let d = self.health.connect_failed(health::now_ms());
+        self.update_gauge();
+        d
+    }
+
+    fn probed(&self, ok: bool, check: &HealthConfig, cluster: &str) {
+        if let Some(up) = self.health.probed(ok, check) {
+            tracing::info!(cluster, endpoint = %self.label, healthy = up, "active health check changed state");
+        }
+        self.update_gauge();
+    }
+
+    fn update_gauge(&self) {
+        self.healthy_gauge.set(i64::from(self.is_available()));
+    }
+
+    fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Upgrades a background task's handle; `None` means the cluster is gone and the task should end.
+fn alive(cluster: &Weak<Cluster>) -> Option<Arc<Cluster>> {
+    cluster.upgrade()
 }

@@ -1,0 +1,196 @@
+//! Endpoint health: active probes on a timer, passive marks from real connects.
+//!
+//! Two independent verdicts, both atomics: `up` comes from active checks
+//! (consecutive results against the `healthy`/`unhealthy` thresholds, so one
+//! lost probe does not flap it), and `ejected_until` from connect failures
+//! (an ejection that doubles while the endpoint keeps failing and ends on the
+//! first success). An endpoint is available when it is up and not ejected.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{LazyLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Cluster, alive};
+use crate::config::HealthConfig;
+
+/// First passive ejection; doubles with each further consecutive failure.
+pub const EJECT_BASE: Duration = Duration::from_secs(1);
+/// Longest passive ejection.
+pub const EJECT_MAX: Duration = Duration::from_secs(30);
+
+/// Live health of one endpoint.
+#[derive(Debug)]
+pub struct Health {
+    /// Active-check verdict; stays true for clusters without `health:`.
+    up: AtomicBool,
+    ok_streak: AtomicU32,
+    fail_streak: AtomicU32,
+    /// Consecutive failed connects by real connections.
+    passive_failures: AtomicU32,
+    /// [`now_ms`] until which new connections skip this endpoint; 0 = not ejected.
+    ejected_until: AtomicU64,
+}
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds on a monotonic clock (since the first call), for atomics.
+pub fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            // New endpoints are trusted until proven otherwise: a connect
+            // failure still moves a connection on at once.
+            up: AtomicBool::new(true),
+            ok_streak: AtomicU32::new(0),
+            fail_streak: AtomicU32::new(0),
+            passive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+}
+
+// === impl Health ===
+
+impl Health {
+    pub fn available(&self, now: u64) -> bool {
+        self.up.load(Ordering::Acquire) && now >= self.ejected_until.load(Ordering::Acquire)
+    }
+
+    /// A real connect succeeded: the passive ejection ends.
+    pub fn connect_succeeded(&self) {
+        if self.passive_failures.swap(0, Ordering::AcqRel) > 0 {
+            self.ejected_until.store(0, Ordering::Release);
+        }
+    }
+
+    /// A real connect failed (refused, timed out): eject for a backoff that
+    /// doubles while failures continue. Returns the ejection.
+    pub fn connect_failed(&self, now: u64) -> Duration {
+        let failures = self.passive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let ejection = EJECT_BASE
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(EJECT_MAX);
+        self.ejected_until
+            .store(now + ejection.as_millis() as u64, Ordering::Release);
+        ejection
+    }
+
+    /// Records one active probe result; returns the new verdict when it changed.
+    pub fn probed(&self, ok: bool, check: &HealthConfig) -> Option<bool> {
+        if ok {
+            self.fail_streak.store(0, Ordering::Relaxed);
+            let streak = self.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= check.healthy && !self.up.swap(true, Ordering::AcqRel) {
+                // Back by active checks: whatever passive ejection remains is stale.
+                self.passive_failures.store(0, Ordering::Relaxed);
+                self.ejected_until.store(0, Ordering::Release);
+                return Some(true);
+            }
+        } else {
+            self.ok_streak.store(0, Ordering::Relaxed);
+            let streak = self.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= check.unhealthy && self.up.swap(false, Ordering::AcqRel) {
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// Probes every endpoint of the cluster each `interval` (±10% jitter, so many
+/// sidecars do not probe in lockstep) until the cluster is dropped.
+pub async fn run(cluster: Weak<Cluster>, check: HealthConfig) {
+    loop {
+        let Some(c) = alive(&cluster) else { return };
+        let endpoints = c.endpoints();
+        let probes = endpoints.iter().map(|e| {
+            let check = &check;
+            async move { (e, probe(e.addr, check).await) }
+        });
+        let results = futures_util::future::join_all(probes).await;
+        for (endpoint, ok) in results {
+            endpoint.probed(ok, &check, &c.name);
+        }
+        drop(c);
+        let interval = check.interval.0;
+        let jitter = rand::random_range(0.9..1.1);
+        tokio::time::sleep(interval.mul_f64(jitter)).await;
+    }
+}
+
+/// One probe: a TCP connect, or `GET http_path` expecting a 2xx, within the timeout.
+async fn probe(addr: SocketAddr, check: &HealthConfig) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let Some(path) = &check.http_path else {
+            return Some(true);
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: legate-health\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        // The status line is all we need: "HTTP/1.1 200 ...".
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.") && head[8] == b' ' && head[9] == b'2')
+    };
+    tokio::time::timeout(check.timeout.0, attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(unhealthy: u32, healthy: u32) -> HealthConfig {
+        serde_saphyr::from_str(&format!("{{ unhealthy: {unhealthy}, healthy: {healthy} }}"))
+            .expect("health config")
+    }
+
+    #[test]
+    fn thresholds_are_consecutive() {
+        let h = Health::default();
+        let c = check(3, 2);
+        assert_eq!(h.probed(false, &c), None);
+        assert_eq!(h.probed(false, &c), None);
+        assert_eq!(
+            h.probed(true, &c),
+            None,
+            "a success resets the failure streak"
+        );
+        assert_eq!(h.probed(false, &c), None);
+        assert_eq!(h.probed(false, &c), None);
+        assert_eq!(h.probed(false, &c), Some(false));
+        assert!(!h.available(0));
+        assert_eq!(h.probed(true, &c), None);
+        assert_eq!(h.probed(true, &c), Some(true));
+        assert!(h.available(0));
+    }
+
+    #[test]
+    fn passive_ejection_grows_and_a_success_ends_it() {
+        let h = Health::default();
+        assert_eq!(h.connect_failed(1000), Duration::from_secs(1));
+        assert!(!h.available(1500));
+        assert!(h.available(2000));
+        assert_eq!(h.connect_failed(2000), Duration::from_secs(2));
+        assert_eq!(h.connect_failed(4000), Duration::from_secs(4));
+        for _ in 0..10 {
+            h.connect_failed(10_000);
+        }
+        assert_eq!(h.connect_failed(10_000), EJECT_MAX);
+        h.connect_succeeded();
+        assert!(h.available(10_000));
+        assert_eq!(h.connect_failed(20_000), Duration::from_secs(1));
+    }
+}
