@@ -57,6 +57,10 @@ impl Dns {
             )
         };
         let opts = builder.options_mut();
+        // A dead name server must turn into "stale, retrying" within seconds,
+        // not the 5 s x 2 attempts of resolv.conf defaults per name.
+        opts.timeout = Duration::from_secs(2);
+        opts.attempts = 2;
         opts.positive_min_ttl = Some(config.min_ttl.0);
         opts.positive_max_ttl = Some(config.max_ttl.0);
         opts.negative_max_ttl = Some(config.min_ttl.0);

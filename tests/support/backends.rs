@@ -72,8 +72,46 @@ impl Backend {
         })
     }
 
+    /// [`Backend::named_echo`] on a given address (a restart on the same port,
+    /// or one of several loopback IPs).
+    pub fn named_echo_at(addr: SocketAddr, name: &'static str) -> Backend {
+        Backend::serve_on(addr, move |mut s: TcpStream| async move {
+            if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+    }
+
+    /// A minimal HTTP/1.1 server answering every request with `status` (read
+    /// at request time, so a test can flip it) and closing.
+    pub fn http_status(status: Arc<std::sync::atomic::AtomicU16>) -> Backend {
+        Backend::serve(move |mut s: TcpStream| {
+            let status = status.clone();
+            async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let code = status.load(Ordering::SeqCst);
+                let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        })
+    }
+
     /// Serves each accepted connection with `handler`.
     pub fn serve<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Backend::serve_on("127.0.0.1:0".parse().unwrap(), handler)
+    }
+
+    /// Serves each connection accepted on `addr` with `handler`.
+    pub fn serve_on<F, Fut>(addr: SocketAddr, handler: F) -> Backend
     where
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -84,8 +122,8 @@ impl Backend {
             .build()
             .expect("backend runtime");
         let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind backend");
+            .block_on(TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
         let addr = listener.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();

@@ -8,6 +8,7 @@
 
 pub mod backends;
 pub mod configmap;
+pub mod dns;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
