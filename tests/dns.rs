@@ -83,7 +83,10 @@ fn multi_record_name_gives_several_endpoints() {
     seen.sort();
     assert_eq!(seen, ["a", "a", "b", "b"]);
     let (_, body) = legate.get("/config");
-    assert!(body.contains("127.0.0.10:") && body.contains("127.0.0.11:"), "{body}");
+    assert!(
+        body.contains("127.0.0.10:") && body.contains("127.0.0.11:"),
+        "{body}"
+    );
 }
 
 /// 1. The name resolves; then the DNS server dies.
@@ -120,7 +123,8 @@ fn unresolvable_name_closes_promptly() {
     assert_eq!(n, 0);
     assert!(began.elapsed() < DEADLINE);
     wait_until("counted", || {
-        legate.metric(r#"legate_upstream_connects_total{cluster="db",result="no_healthy_endpoint"}"#)
+        legate
+            .metric(r#"legate_upstream_connects_total{cluster="db",result="no_healthy_endpoint"}"#)
             >= 1.0
     });
 }

@@ -71,8 +71,16 @@ impl Health {
     }
 
     /// A real connect failed (refused, timed out): eject for a backoff that
-    /// doubles while failures continue. Returns the ejection.
+    /// doubles while failures continue. Failures of connects that raced into
+    /// an ejection already in force do not double it again. Returns the
+    /// ejection in force.
     pub fn connect_failed(&self, now: u64) -> Duration {
+        // A failure breaks any streak of good probes: recovery must be re-earned.
+        self.ok_streak.store(0, Ordering::Relaxed);
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if now < until {
+            return Duration::from_millis(until - now);
+        }
         let failures = self.passive_failures.fetch_add(1, Ordering::AcqRel) + 1;
         let ejection = EJECT_BASE
             .saturating_mul(1u32 << (failures - 1).min(16))
@@ -83,15 +91,19 @@ impl Health {
     }
 
     /// Records one active probe result; returns the new verdict when it changed.
+    /// `healthy` good probes in a row also end a passive ejection: the
+    /// endpoint has proven it accepts connections again.
     pub fn probed(&self, ok: bool, check: &HealthConfig) -> Option<bool> {
         if ok {
             self.fail_streak.store(0, Ordering::Relaxed);
             let streak = self.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
-            if streak >= check.healthy && !self.up.swap(true, Ordering::AcqRel) {
-                // Back by active checks: whatever passive ejection remains is stale.
-                self.passive_failures.store(0, Ordering::Relaxed);
-                self.ejected_until.store(0, Ordering::Release);
-                return Some(true);
+            if streak >= check.healthy {
+                if self.passive_failures.swap(0, Ordering::AcqRel) > 0 {
+                    self.ejected_until.store(0, Ordering::Release);
+                }
+                if !self.up.swap(true, Ordering::AcqRel) {
+                    return Some(true);
+                }
             }
         } else {
             self.ok_streak.store(0, Ordering::Relaxed);
@@ -181,16 +193,38 @@ mod tests {
     fn passive_ejection_grows_and_a_success_ends_it() {
         let h = Health::default();
         assert_eq!(h.connect_failed(1000), Duration::from_secs(1));
+        assert_eq!(
+            h.connect_failed(1000),
+            Duration::from_secs(1),
+            "concurrent failures do not double the ejection"
+        );
         assert!(!h.available(1500));
         assert!(h.available(2000));
         assert_eq!(h.connect_failed(2000), Duration::from_secs(2));
         assert_eq!(h.connect_failed(4000), Duration::from_secs(4));
+        let mut now = 8000;
         for _ in 0..10 {
-            h.connect_failed(10_000);
+            now += h.connect_failed(now).as_millis() as u64;
         }
-        assert_eq!(h.connect_failed(10_000), EJECT_MAX);
+        assert_eq!(h.connect_failed(now), EJECT_MAX);
         h.connect_succeeded();
-        assert!(h.available(10_000));
-        assert_eq!(h.connect_failed(20_000), Duration::from_secs(1));
+        assert!(h.available(now));
+        assert_eq!(h.connect_failed(now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn good_probes_end_a_passive_ejection_after_the_threshold() {
+        let h = Health::default();
+        let c = check(3, 2);
+        h.connect_failed(0);
+        assert!(!h.available(10));
+        assert_eq!(h.probed(true, &c), None);
+        assert!(!h.available(10), "one good probe is not enough");
+        assert_eq!(
+            h.probed(true, &c),
+            None,
+            "still up by active checks: no verdict change"
+        );
+        assert!(h.available(10));
     }
 }

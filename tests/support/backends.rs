@@ -94,7 +94,8 @@ impl Backend {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
                 let code = status.load(Ordering::SeqCst);
-                let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let resp =
+                    format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 let _ = s.write_all(resp.as_bytes()).await;
                 let _ = s.shutdown().await;
             }

@@ -13,46 +13,55 @@ pub struct Dnsmasq {
     child: Child,
     pub addr: SocketAddr,
     hosts: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Dnsmasq {
     /// Starts dnsmasq serving `records` (name, IP) and waits until it answers.
+    /// The port is picked free for UDP and TCP both; if another test takes it
+    /// first, dnsmasq exits and is started again on a new port.
     pub fn start(records: &[(&str, &str)]) -> Dnsmasq {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         write_hosts(&hosts, records);
-        let port = {
-            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().port()
-        };
-        let child = Command::new(dnsmasq_path())
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--local-ttl=1",
-                "--user=root",
-                "--log-facility=-",
-            ])
-            .arg(format!("--port={port}"))
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dnsmasq (apt-get install dnsmasq-base)");
-        let dns = Dnsmasq {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            hosts,
-            _dir: dir,
-        };
-        wait_until("dnsmasq answers", || dns.answers());
-        dns
+        for _ in 0..5 {
+            let port = free_udp_and_tcp_port();
+            let child = Command::new(dnsmasq_path())
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--local-ttl=1",
+                    "--user=root",
+                    "--log-facility=-",
+                ])
+                .arg(format!("--port={port}"))
+                .arg(format!("--addn-hosts={}", hosts.display()))
+                .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start dnsmasq (apt-get install dnsmasq-base)");
+            let mut dns = Dnsmasq {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                hosts: hosts.clone(),
+                _dir: None,
+            };
+            let mut exited = false;
+            wait_until("dnsmasq answers or exits", || {
+                exited = dns.child.try_wait().ok().flatten().is_some();
+                exited || dns.answers()
+            });
+            if !exited {
+                dns._dir = Some(dir);
+                return dns;
+            }
+        }
+        panic!("dnsmasq did not start on any of 5 ports");
     }
 
     /// Replaces the records and makes dnsmasq re-read them.
@@ -75,7 +84,8 @@ impl Dnsmasq {
     /// Whether a query for a name gets any answer (even NXDOMAIN).
     fn answers(&self) -> bool {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         // Header: id 0x1234, RD, one question; "probe." type A class IN.
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         q.extend_from_slice(b"\x05probe\x00\x00\x01\x00\x01");
@@ -102,6 +112,17 @@ fn write_hosts(path: &std::path::Path, records: &[(&str, &str)]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A port free right now for both UDP and TCP on 127.0.0.1.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn dnsmasq_path() -> &'static str {

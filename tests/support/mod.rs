@@ -212,18 +212,18 @@ impl Legate {
                 return l.clone();
             }
             let now = Instant::now();
-            assert!(
-                now < deadline,
-                "no matching log line within {DEADLINE:?}; log:\n{}",
-                guard.join("\n")
-            );
+            if now >= deadline {
+                let log = guard.join("\n");
+                drop(guard);
+                panic!("no matching log line within {DEADLINE:?}; log:\n{log}");
+            }
             guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
         }
     }
 
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
+        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
