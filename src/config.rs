@@ -59,6 +59,109 @@ pub struct ListenerConfig {
     pub cluster: Option<Spanned<String>>,
     /// New connections are spread over clusters by weight.
     pub split: Option<Spanned<Vec<SplitConfig>>>,
+    /// HTTP listeners: tried in order, first match wins. Instead of routes an
+    /// HTTP listener may name a `cluster`/`split`, a catch-all.
+    pub routes: Option<Spanned<Vec<Spanned<RouteConfig>>>>,
+    /// HTTP listeners: one JSON line per request at info level. Default false.
+    #[serde(default)]
+    pub access_log: bool,
+}
+
+/// One HTTP route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The `route` label in metrics; default: the route's index.
+    pub name: Option<Spanned<String>>,
+    /// All given conditions must hold; no `match` is a catch-all.
+    #[serde(rename = "match", default)]
+    pub matches: MatchConfig,
+    pub cluster: Option<Spanned<String>>,
+    /// Weighted choice per request.
+    pub split: Option<Spanned<Vec<SplitConfig>>>,
+    pub rewrite: Option<Spanned<RewriteConfig>>,
+    #[serde(default)]
+    pub request_headers: HeaderOpsConfig,
+    #[serde(default)]
+    pub response_headers: HeaderOpsConfig,
+    /// Until the whole response head arrives; then 504. Default 15s.
+    pub timeout: Option<HumanDuration>,
+    /// Retries on another endpoint: connect failures for any method, 502/503
+    /// and resets for idempotent ones. Default 0.
+    #[serde(default)]
+    pub retries: u32,
+    pub mirror: Option<Spanned<MirrorConfig>>,
+}
+
+impl RouteConfig {
+    /// A route with no conditions and no target: what an HTTP listener's own
+    /// `cluster`/`split` compiles into (the target is supplied separately).
+    pub fn catch_all() -> Self {
+        RouteConfig {
+            name: None,
+            matches: MatchConfig::default(),
+            cluster: None,
+            split: None,
+            rewrite: None,
+            request_headers: HeaderOpsConfig::default(),
+            response_headers: HeaderOpsConfig::default(),
+            timeout: None,
+            retries: 0,
+            mirror: None,
+        }
+    }
+}
+
+/// `match:` of a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Exact host (port ignored, case-insensitive) or `*.suffix`.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// Exact path (query ignored).
+    pub path: Option<String>,
+    pub method: Option<String>,
+    /// Header name → exact value, or `true` for "present".
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, HeaderMatchConfig>,
+}
+
+/// A header condition: an exact value, or presence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderMatchConfig {
+    Present(bool),
+    Exact(String),
+}
+
+/// `rewrite:` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteConfig {
+    /// Replaces the Host header / `:authority`.
+    pub host: Option<String>,
+    /// Replaces the part of the path that `match.path_prefix` matched.
+    pub path_prefix: Option<String>,
+}
+
+/// Headers to add (replacing) and remove.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsConfig {
+    #[serde(default)]
+    pub add: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// `mirror:` of a route: copies of requests to a shadow cluster.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub cluster: String,
+    /// Share of matching requests copied, 0-100.
+    pub percent: f64,
 }
 
 /// One weighted target of a `split`.
@@ -96,6 +199,9 @@ pub struct ClusterConfig {
     /// old target are closed after this grace so the app reconnects to the new
     /// one. Unset: old connections live until they end.
     pub drain_on_change: Option<HumanDuration>,
+    /// HTTP clusters: speak cleartext HTTP/2 (h2c) to the endpoints. Default false.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 /// `health:` of a cluster: a probe every `interval` (with jitter), `unhealthy`
@@ -119,13 +225,14 @@ pub struct HealthConfig {
     pub http_path: Option<String>,
 }
 
-/// Listener protocols. HTTP arrives with its own issue; until then `http` is an
-/// unknown variant, rejected with the list of what exists.
+/// Listener protocols.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
     Tcp,
+    /// HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on the same port.
+    Http,
 }
 
 /// Load-balancing policies.
@@ -620,60 +727,84 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
                 listen_addrs.insert(addr, (file, &l.listen.referenced));
             }
         }
-        match (&l.cluster, &l.split) {
-            (Some(c), None) => {
-                if !cluster_names.contains_key(c.value.as_str()) {
+        let is_http = l.protocol == Protocol::Http;
+        match (&l.routes, is_http) {
+            (Some(routes), true) => {
+                if l.cluster.is_some() || l.split.is_some() {
                     at(
                         file,
-                        &c.referenced,
-                        unknown_cluster(&c.value, &cluster_names),
+                        &routes.referenced,
+                        format!(
+                            "listener \"{name}\": give either \"routes\" or a listener-level \"cluster\"/\"split\", not both"
+                        ),
                     );
                 }
-            }
-            (None, Some(split)) => {
-                if split.value.is_empty() {
+                if routes.value.is_empty() {
                     at(
                         file,
-                        &split.referenced,
-                        "field \"split\": needs at least one { cluster, weight }".to_string(),
-                    );
-                } else if split.value.iter().all(|s| s.weight == 0) {
-                    at(
-                        file,
-                        &split.referenced,
-                        "field \"split\": at least one weight must be above 0".to_string(),
+                        &routes.referenced,
+                        "field \"routes\": needs at least one route".to_string(),
                     );
                 }
-                let mut seen = HashSet::new();
-                for s in &split.value {
-                    if !cluster_names.contains_key(s.cluster.value.as_str()) {
-                        at(
-                            file,
-                            &s.cluster.referenced,
-                            unknown_cluster(&s.cluster.value, &cluster_names),
-                        );
-                    } else if !seen.insert(s.cluster.value.as_str()) {
-                        at(
-                            file,
-                            &s.cluster.referenced,
-                            format!(
-                                "field \"cluster\": cluster \"{}\" appears twice in this split",
-                                s.cluster.value
-                            ),
-                        );
+                let mut route_names = HashSet::new();
+                for (i, spanned) in routes.value.iter().enumerate() {
+                    let (r, route_at) = (&spanned.value, &spanned.referenced);
+                    let what = format!(
+                        "route {}",
+                        r.name
+                            .as_ref()
+                            .map_or_else(|| i.to_string(), |n| format!("\"{}\"", n.value))
+                    );
+                    if let Some(n) = &r.name {
+                        if let Err(why) = check_name(&n.value) {
+                            at(file, &n.referenced, format!("field \"name\": {why}"));
+                        } else if !route_names.insert(n.value.as_str()) {
+                            at(
+                                file,
+                                &n.referenced,
+                                format!(
+                                    "field \"name\": duplicate route name \"{}\" in listener \"{name}\"",
+                                    n.value
+                                ),
+                            );
+                        }
                     }
+                    check_target(
+                        &mut at,
+                        file,
+                        &what,
+                        &r.cluster,
+                        &r.split,
+                        route_at,
+                        &cluster_names,
+                    );
+                    check_route(&mut at, file, r, route_at, &cluster_names);
                 }
             }
-            (Some(_), Some(split)) => at(
+            (Some(routes), false) => at(
                 file,
-                &split.referenced,
-                format!("listener \"{name}\": set either \"cluster\" or \"split\", not both"),
+                &routes.referenced,
+                format!("listener \"{name}\": \"routes\" need protocol: http"),
             ),
-            (None, None) => at(
+            (None, _) => {
+                let what = format!("listener \"{name}\"");
+                check_target(
+                    &mut at,
+                    file,
+                    &what,
+                    &l.cluster,
+                    &l.split,
+                    &l.name.referenced,
+                    &cluster_names,
+                );
+            }
+        }
+        if l.access_log && !is_http {
+            at(
                 file,
                 &l.name.referenced,
-                format!("listener \"{name}\": missing field \"cluster\" (or \"split\")"),
-            ),
+                format!("listener \"{name}\": access_log is for protocol: http"),
+            );
         }
     }
 
@@ -695,6 +826,205 @@ fn unknown_cluster(name: &str, known: &HashMap<&str, (&Path, &Location)>) -> Str
             names.join(", ")
         }
     )
+}
+
+/// Exactly one of `cluster` and `split`, each naming known clusters.
+fn check_target(
+    at: &mut impl FnMut(&Path, &Location, String),
+    file: &Path,
+    what: &str,
+    cluster: &Option<Spanned<String>>,
+    split: &Option<Spanned<Vec<SplitConfig>>>,
+    owner: &Location,
+    cluster_names: &HashMap<&str, (&Path, &Location)>,
+) {
+    match (cluster, split) {
+        (Some(c), None) => {
+            if !cluster_names.contains_key(c.value.as_str()) {
+                at(
+                    file,
+                    &c.referenced,
+                    unknown_cluster(&c.value, cluster_names),
+                );
+            }
+        }
+        (None, Some(split)) => {
+            if split.value.is_empty() {
+                at(
+                    file,
+                    &split.referenced,
+                    "field \"split\": needs at least one { cluster, weight }".to_string(),
+                );
+            } else if split.value.iter().all(|s| s.weight == 0) {
+                at(
+                    file,
+                    &split.referenced,
+                    "field \"split\": at least one weight must be above 0".to_string(),
+                );
+            }
+            let mut seen = HashSet::new();
+            for s in &split.value {
+                if !cluster_names.contains_key(s.cluster.value.as_str()) {
+                    at(
+                        file,
+                        &s.cluster.referenced,
+                        unknown_cluster(&s.cluster.value, cluster_names),
+                    );
+                } else if !seen.insert(s.cluster.value.as_str()) {
+                    at(
+                        file,
+                        &s.cluster.referenced,
+                        format!(
+                            "field \"cluster\": cluster \"{}\" appears twice in this split",
+                            s.cluster.value
+                        ),
+                    );
+                }
+            }
+        }
+        (Some(_), Some(split)) => at(
+            file,
+            &split.referenced,
+            format!("{what}: set either \"cluster\" or \"split\", not both"),
+        ),
+        (None, None) => at(
+            file,
+            owner,
+            format!("{what}: missing field \"cluster\" (or \"split\")"),
+        ),
+    }
+}
+
+/// The HTTP-specific parts of a route: match, rewrite, headers, mirror, timeout.
+fn check_route(
+    at: &mut impl FnMut(&Path, &Location, String),
+    file: &Path,
+    r: &RouteConfig,
+    loc: &Location,
+    cluster_names: &HashMap<&str, (&Path, &Location)>,
+) {
+    let m = &r.matches;
+    if let Some(host) = &m.host {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || bare.contains(['*', '/', ' ']) {
+            at(
+                file,
+                loc,
+                format!(
+                    "field \"host\": invalid host pattern \"{host}\": use an exact host or *.suffix"
+                ),
+            );
+        }
+    }
+    for (field, path) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+        if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            at(file, loc, format!("field \"{field}\": must start with '/'"));
+        }
+    }
+    if m.path.is_some() && m.path_prefix.is_some() {
+        at(
+            file,
+            loc,
+            "field \"match\": give \"path\" or \"path_prefix\", not both".to_string(),
+        );
+    }
+    if let Some(method) = &m.method
+        && http::Method::from_bytes(method.as_bytes()).is_err()
+    {
+        at(
+            file,
+            loc,
+            format!("field \"method\": invalid method \"{method}\""),
+        );
+    }
+    for name in m.headers.keys() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            at(
+                file,
+                loc,
+                format!("field \"headers\": invalid header name \"{name}\""),
+            );
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if rw.value.path_prefix.is_some() && m.path_prefix.is_none() {
+            at(
+                file,
+                &rw.referenced,
+                "field \"rewrite\": path_prefix needs match.path_prefix (the part it replaces)"
+                    .to_string(),
+            );
+        }
+        if rw
+            .value
+            .path_prefix
+            .as_ref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            at(
+                file,
+                &rw.referenced,
+                "field \"path_prefix\": must start with '/'".to_string(),
+            );
+        }
+        if rw
+            .value
+            .host
+            .as_ref()
+            .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
+        {
+            at(
+                file,
+                &rw.referenced,
+                "field \"host\": invalid host".to_string(),
+            );
+        }
+    }
+    for ops in [&r.request_headers, &r.response_headers] {
+        for (name, value) in &ops.add {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || http::HeaderValue::from_str(value).is_err()
+            {
+                at(
+                    file,
+                    loc,
+                    format!("field \"add\": invalid header \"{name}: {value}\""),
+                );
+            }
+        }
+        for name in &ops.remove {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                at(
+                    file,
+                    loc,
+                    format!("field \"remove\": invalid header name \"{name}\""),
+                );
+            }
+        }
+    }
+    if r.timeout.is_some_and(|t| t.0.is_zero()) {
+        at(file, loc, "field \"timeout\": must be above 0".to_string());
+    }
+    if let Some(mirror) = &r.mirror {
+        if !cluster_names.contains_key(mirror.value.cluster.as_str()) {
+            at(
+                file,
+                &mirror.referenced,
+                unknown_cluster(&mirror.value.cluster, cluster_names).replacen(
+                    "field \"cluster\"",
+                    "field \"mirror\"",
+                    1,
+                ),
+            );
+        }
+        if !(0.0..=100.0).contains(&mirror.value.percent) {
+            at(
+                file,
+                &mirror.referenced,
+                "field \"percent\": must be between 0 and 100".to_string(),
+            );
+        }
+    }
 }
 
 /// Names become metric label values and log fields: keep them plain.

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod reload;

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::Shutdown;
-use crate::table::RoutingTable;
+use crate::table::{ListenerKind, RoutingTable};
 use crate::tcp;
 use crate::upstream;
 
@@ -201,9 +201,13 @@ async fn serve(
         let table = tables.load_full();
         let force_close = shutdown.force_close.clone();
         let name = name.clone();
+        let http = HttpContext {
+            tables: tables.clone(),
+            stop: stop.clone(),
+        };
         shutdown.connections.spawn(async move {
             tokio::select! {
-                _ = handle(client, peer, &name, &table) => {}
+                _ = handle(client, peer, &name, &table, http) => {}
                 _ = force_close.cancelled() => {
                     tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
                 }
@@ -214,7 +218,13 @@ async fn serve(
 }
 
 /// Serves one accepted connection from one table snapshot.
-async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &RoutingTable) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    name: &Arc<str>,
+    table: &RoutingTable,
+    http: HttpContext,
+) {
     let Some(listener) = table.listener(name) else {
         // The listener left the config between accept and here; the socket closes.
         return;
@@ -225,8 +235,20 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
     let _active = scopeguard(|| m.connections_active.dec());
     let _ = client.set_nodelay(true);
 
+    let target = match &listener.kind {
+        ListenerKind::Tcp(target) => target,
+        ListenerKind::Http(_) => {
+            let conn = crate::http::Conn {
+                listener: name.clone(),
+                client: peer,
+                tables: http.tables,
+            };
+            crate::http::serve(client, conn, http.stop).await;
+            return;
+        }
+    };
     let began = Instant::now();
-    let route = listener.target.pick();
+    let route = target.pick();
     let upstream::Connected {
         stream: mut upstream,
         cluster,
@@ -235,7 +257,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
     } = match upstream::connect(&route.cluster, &route.failover, peer).await {
         Ok(connected) => connected,
         Err(e) => {
-            tracing::warn!(listener = name, client = %peer, error = %e, "closing client: no upstream");
+            tracing::warn!(listener = %name, client = %peer, error = %e, "closing client: no upstream");
             return;
         }
     };
@@ -243,7 +265,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
         r = tcp::forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream) => r,
         _ = route.retired.cancelled() => {
             tracing::info!(
-                listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+                listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
                 "closing connection: a reload moved this route (drain_on_change)"
             );
             return;
@@ -251,15 +273,22 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, name: &str, table: &Rou
     };
     match forwarded {
         Ok(t) => tracing::debug!(
-            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+            listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
             bytes_upstream = t.upstream, bytes_downstream = t.downstream,
             duration_ms = began.elapsed().as_millis() as u64, "connection closed"
         ),
         Err(e) => tracing::debug!(
-            listener = name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+            listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
             error = %e, duration_ms = began.elapsed().as_millis() as u64, "connection ended with error"
         ),
     }
+}
+
+/// What an HTTP connection needs beyond the snapshot: the live table (each
+/// request reads the current one) and the signal to close gracefully.
+struct HttpContext {
+    tables: Arc<ArcSwap<RoutingTable>>,
+    stop: CancellationToken,
 }
 
 /// Runs `f` on drop: keeps the active-connections gauge right on every exit path.

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub endpoint_healthy: IntGaugeVec,
     pub cluster_failovers_total: IntCounterVec,
     pub dns_resolutions_total: IntCounterVec,
+    pub http_requests_total: IntCounterVec,
+    pub http_request_seconds: HistogramVec,
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
@@ -134,6 +136,26 @@ impl Metrics {
             &["cluster", "result"],
         )
         .expect("static metric definition");
+        let http_requests_total = IntCounterVec::new(
+            Opts::new(
+                "legate_http_requests_total",
+                "HTTP requests answered, by route, cluster and status class (1xx..5xx).",
+            ),
+            &["listener", "route", "cluster", "code"],
+        )
+        .expect("static metric definition");
+        let http_request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "legate_http_request_seconds",
+                "Time from request to response head.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["listener", "route"],
+        )
+        .expect("static metric definition");
         let config_reloads_total = IntCounterVec::new(
             Opts::new(
                 "legate_config_reloads_total",
@@ -166,6 +188,8 @@ impl Metrics {
             Box::new(endpoint_healthy.clone()),
             Box::new(cluster_failovers_total.clone()),
             Box::new(dns_resolutions_total.clone()),
+            Box::new(http_requests_total.clone()),
+            Box::new(http_request_seconds.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -189,6 +213,8 @@ impl Metrics {
             endpoint_healthy,
             cluster_failovers_total,
             dns_resolutions_total,
+            http_requests_total,
+            http_request_seconds,
             config_reloads_total,
             config_generation,
             config_last_reload_success,
@@ -216,6 +242,14 @@ impl Metrics {
             no_healthy_endpoint: result("no_healthy_endpoint"),
             connect_seconds: self.upstream_connect_seconds.with_label_values(&[name]),
         }
+    }
+
+    /// Counters for 1xx..5xx of one (listener, route, cluster).
+    pub fn http_codes(&self, listener: &str, route: &str, cluster: &str) -> [IntCounter; 5] {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+            self.http_requests_total
+                .with_label_values(&[listener, route, cluster, code])
+        })
     }
 
     /// The Prometheus text exposition of every family.

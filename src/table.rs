@@ -13,8 +13,12 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Protocol};
-use crate::config::{EndpointTarget, LbPolicy};
+use serde_saphyr::Spanned;
+
+use crate::config::{
+    Config, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, LbPolicy, Protocol, RouteConfig,
+    SplitConfig,
+};
 use crate::metrics;
 use crate::upstream::{Cluster, ClusterSpec};
 
@@ -32,9 +36,16 @@ pub struct Listener {
     pub name: Arc<str>,
     /// As configured; port 0 means "any free port".
     pub addr: SocketAddr,
-    pub protocol: Protocol,
-    pub target: Target,
+    pub kind: ListenerKind,
     pub metrics: metrics::ListenerMetrics,
+}
+
+/// What a listener does with its connections.
+pub enum ListenerKind {
+    /// Forward the bytes to the target's cluster.
+    Tcp(Target),
+    /// Serve HTTP/1.1 and h2c; route each request.
+    Http(http::HttpListener),
 }
 
 /// Where a listener's new connections go.
@@ -69,6 +80,8 @@ pub struct Retired {
     pub token: CancellationToken,
 }
 
+pub mod http;
+
 // === impl RoutingTable ===
 
 /// Compiles a validated config. Infallible: everything that could be wrong was
@@ -88,6 +101,7 @@ pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>
                 drain_on_change: c.drain_on_change.map(|d| d.0),
                 health: c.health.as_ref().map(|h| h.value.clone()),
                 resolver: config.resolver.clone(),
+                http2: c.http2,
             };
             let kept = previous
                 .and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value))
@@ -117,30 +131,71 @@ pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>
         retired: CancellationToken::new(),
     };
 
+    let target =
+        |cluster: &Option<Spanned<String>>, split: &Option<Spanned<Vec<SplitConfig>>>| match (
+            cluster, split,
+        ) {
+            (Some(c), _) => Target::Cluster(route(&c.value)),
+            (None, Some(split)) => {
+                let routes: Box<[(Route, u32)]> = split
+                    .value
+                    .iter()
+                    .filter(|s| s.weight > 0)
+                    .map(|s| (route(&s.cluster.value), s.weight))
+                    .collect();
+                let total = routes.iter().map(|(_, w)| w).sum();
+                Target::Split { routes, total }
+            }
+            (None, None) => unreachable!("validated: a listener or route has a cluster or a split"),
+        };
+
     let listeners = config
         .listeners
         .iter()
         .map(|l| {
-            let target = match (&l.cluster, &l.split) {
-                (Some(c), _) => Target::Cluster(route(&c.value)),
-                (None, Some(split)) => {
-                    let routes: Box<[(Route, u32)]> = split
+            let name: Arc<str> = Arc::from(l.name.value.as_str());
+            let kind = match (l.protocol, &l.routes) {
+                (Protocol::Tcp, _) => ListenerKind::Tcp(target(&l.cluster, &l.split)),
+                (Protocol::Http, Some(routes)) => ListenerKind::Http(http::HttpListener {
+                    routes: routes
                         .value
                         .iter()
-                        .filter(|s| s.weight > 0)
-                        .map(|s| (route(&s.cluster.value), s.weight))
-                        .collect();
-                    let total = routes.iter().map(|(_, w)| w).sum();
-                    Target::Split { routes, total }
-                }
-                (None, None) => unreachable!("validated: a listener has a cluster or a split"),
+                        .enumerate()
+                        .map(|(i, r)| {
+                            let r = &r.value;
+                            let route_name: Arc<str> = match &r.name {
+                                Some(n) => Arc::from(n.value.as_str()),
+                                None => Arc::from(i.to_string()),
+                            };
+                            compile_route(
+                                &name,
+                                route_name,
+                                r,
+                                target(&r.cluster, &r.split),
+                                &by_name,
+                            )
+                        })
+                        .collect(),
+                    access_log: l.access_log,
+                    no_route: m.http_codes(&name, "none", "none")[3].clone(),
+                }),
+                (Protocol::Http, None) => ListenerKind::Http(http::HttpListener {
+                    routes: Box::new([compile_route(
+                        &name,
+                        Arc::from("0"),
+                        &RouteConfig::catch_all(),
+                        target(&l.cluster, &l.split),
+                        &by_name,
+                    )]),
+                    access_log: l.access_log,
+                    no_route: m.http_codes(&name, "none", "none")[3].clone(),
+                }),
             };
             Listener {
-                name: Arc::from(l.name.value.as_str()),
+                metrics: m.listener(&name),
+                name,
                 addr: l.listen.value.0,
-                protocol: l.protocol,
-                target,
-                metrics: m.listener(&l.name.value),
+                kind,
             }
         })
         .collect();
@@ -149,6 +204,16 @@ pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>
         generation,
         listeners,
         clusters,
+    }
+}
+
+impl Listener {
+    /// Every route (listener → cluster path) this listener may use.
+    pub fn routes(&self) -> Box<dyn Iterator<Item = &Route> + '_> {
+        match &self.kind {
+            ListenerKind::Tcp(t) => Box::new(t.routes()),
+            ListenerKind::Http(h) => Box::new(h.routes.iter().flat_map(|r| r.target.routes())),
+        }
     }
 }
 
@@ -172,24 +237,24 @@ impl RoutingTable {
             .listeners
             .iter()
             .map(|l| {
-                let target = match &l.target {
-                    Target::Cluster(r) => json!({ "cluster": &*r.cluster.name }),
-                    Target::Split { routes, .. } => json!({
-                        "split": routes
-                            .iter()
-                            .map(|(r, w)| json!({ "cluster": &*r.cluster.name, "weight": w }))
-                            .collect::<Vec<_>>()
-                    }),
-                };
                 let mut v = json!({
                     "name": &*l.name,
                     "listen": l.addr.to_string(),
-                    "protocol": match l.protocol { Protocol::Tcp => "tcp" },
                 });
+                match &l.kind {
+                    ListenerKind::Tcp(target) => {
+                        v["protocol"] = json!("tcp");
+                        merge_json(&mut v, describe_target(target));
+                    }
+                    ListenerKind::Http(h) => {
+                        v["protocol"] = json!("http");
+                        v["access_log"] = json!(h.access_log);
+                        v["routes"] = h.routes.iter().map(describe_route).collect();
+                    }
+                }
                 if let Some(addr) = bound.get(&l.name) {
                     v["bound"] = json!(addr.to_string());
                 }
-                merge_json(&mut v, target);
                 v
             })
             .collect();
@@ -232,7 +297,7 @@ impl RoutingTable {
                 let failover: Vec<&str> = self
                     .listeners
                     .iter()
-                    .flat_map(|l| l.target.routes())
+                    .flat_map(|l| l.routes())
                     .find(|r| Arc::ptr_eq(&r.cluster, c))
                     .map(|r| r.failover.iter().map(|f| &*f.name).collect())
                     .unwrap_or_default();
@@ -250,9 +315,177 @@ impl RoutingTable {
     }
 }
 
+fn describe_target(target: &Target) -> serde_json::Value {
+    match target {
+        Target::Cluster(r) => json!({ "cluster": &*r.cluster.name }),
+        Target::Split { routes, .. } => json!({
+            "split": routes
+                .iter()
+                .map(|(r, w)| json!({ "cluster": &*r.cluster.name, "weight": w }))
+                .collect::<Vec<_>>()
+        }),
+    }
+}
+
+fn describe_route(r: &http::HttpRoute) -> serde_json::Value {
+    let m = &r.matches;
+    let mut matches = json!({});
+    match &m.host {
+        Some(http::HostMatch::Exact(h)) => matches["host"] = json!(h),
+        Some(http::HostMatch::Suffix(s)) => matches["host"] = json!(format!("*{s}")),
+        None => {}
+    }
+    match &m.path {
+        Some(http::PathMatch::Exact(p)) => matches["path"] = json!(p),
+        Some(http::PathMatch::Prefix(p)) => matches["path_prefix"] = json!(p),
+        None => {}
+    }
+    if let Some(method) = &m.method {
+        matches["method"] = json!(method.as_str());
+    }
+    if !m.headers.is_empty() {
+        matches["headers"] = m
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let v = v
+                    .as_ref()
+                    .map_or(json!(true), |v| json!(v.to_str().unwrap_or("")));
+                (k.to_string(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    let mut v = json!({
+        "name": &*r.name,
+        "match": matches,
+        "timeout": humantime::format_duration(r.timeout).to_string(),
+        "retries": r.retries,
+    });
+    merge_json(&mut v, describe_target(&r.target));
+    if let Some(h) = &r.rewrite_host {
+        v["rewrite"]["host"] = json!(h.to_str().unwrap_or(""));
+    }
+    if let Some(p) = &r.rewrite_prefix {
+        v["rewrite"]["path_prefix"] = json!(p);
+    }
+    if let Some(mirror) = &r.mirror {
+        v["mirror"] =
+            json!({ "cluster": &*mirror.cluster.name, "percent": mirror.fraction * 100.0 });
+    }
+    v
+}
+
 fn merge_json(into: &mut serde_json::Value, from: serde_json::Value) {
     if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
         into.extend(from);
+    }
+}
+
+/// Compiles one HTTP route. Header names and values were validated, so the
+/// parses below cannot fail; a value that somehow does is skipped.
+fn compile_route(
+    listener: &str,
+    name: Arc<str>,
+    r: &RouteConfig,
+    target: Target,
+    clusters: &HashMap<&str, &Arc<Cluster>>,
+) -> http::HttpRoute {
+    let m = metrics::get();
+    let mut reachable: Vec<Arc<str>> = Vec::new();
+    for route in target.routes() {
+        for c in std::iter::once(&route.cluster).chain(route.failover.iter()) {
+            if !reachable.contains(&c.name) {
+                reachable.push(c.name.clone());
+            }
+        }
+    }
+    let by_cluster = reachable
+        .into_iter()
+        .map(|c| {
+            let codes = m.http_codes(listener, &name, &c);
+            (c, codes)
+        })
+        .collect();
+    let matches = &r.matches;
+    http::HttpRoute {
+        matches: http::RouteMatch {
+            host: matches.host.as_ref().map(|h| match h.strip_prefix('*') {
+                Some(suffix) => http::HostMatch::Suffix(suffix.to_ascii_lowercase().into()),
+                None => http::HostMatch::Exact(h.to_ascii_lowercase().into()),
+            }),
+            path: match (&matches.path, &matches.path_prefix) {
+                (Some(p), _) => Some(http::PathMatch::Exact(p.as_str().into())),
+                (None, Some(p)) => Some(http::PathMatch::Prefix(p.as_str().into())),
+                (None, None) => None,
+            },
+            method: matches
+                .method
+                .as_ref()
+                .and_then(|m| ::http::Method::from_bytes(m.as_bytes()).ok()),
+            headers: matches
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    let name = ::http::HeaderName::from_bytes(k.as_bytes()).ok()?;
+                    let value = match v {
+                        HeaderMatchConfig::Present(true) => None,
+                        // `false` means "absent" nowhere in the contract; treat like presence of nothing.
+                        HeaderMatchConfig::Present(false) => return None,
+                        HeaderMatchConfig::Exact(v) => Some(::http::HeaderValue::from_str(v).ok()?),
+                    };
+                    Some((name, value))
+                })
+                .collect(),
+        },
+        target,
+        rewrite_host: r
+            .rewrite
+            .as_ref()
+            .and_then(|rw| rw.value.host.as_ref())
+            .and_then(|h| ::http::HeaderValue::from_str(h).ok()),
+        rewrite_prefix: r
+            .rewrite
+            .as_ref()
+            .and_then(|rw| rw.value.path_prefix.as_deref())
+            .map(Into::into),
+        request_headers: header_ops(&r.request_headers),
+        response_headers: header_ops(&r.response_headers),
+        timeout: r.timeout.map_or(DEFAULT_HTTP_TIMEOUT, |t| t.0),
+        retries: r.retries,
+        budget: http::RetryBudget::default(),
+        mirror: r.mirror.as_ref().map(|mirror| http::Mirror {
+            cluster: Arc::clone(clusters[mirror.value.cluster.as_str()]),
+            fraction: mirror.value.percent / 100.0,
+        }),
+        metrics: http::RouteMetrics {
+            seconds: m.http_request_seconds.with_label_values(&[listener, &name]),
+            by_cluster,
+        },
+        name,
+    }
+}
+
+/// Default route timeout (until the response head), as in Envoy.
+const DEFAULT_HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn header_ops(ops: &HeaderOpsConfig) -> http::HeaderOps {
+    http::HeaderOps {
+        remove: ops
+            .remove
+            .iter()
+            .filter_map(|n| ::http::HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect(),
+        add: ops
+            .add
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    ::http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    ::http::HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect(),
     }
 }
 
@@ -270,10 +503,17 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
             .find(|l| l.name == old_listener.name);
         let listener_stays = new_listener.is_some();
         let mut new_routes: Vec<&mut Route> = match new_listener {
-            Some(l) => l.target.routes_mut().collect(),
+            Some(l) => match &mut l.kind {
+                ListenerKind::Tcp(target) => target.routes_mut().collect(),
+                // HTTP requests are short and each reads the current table: nothing to drain.
+                ListenerKind::Http(_) => Vec::new(),
+            },
             None => Vec::new(),
         };
-        for old_route in old_listener.target.routes() {
+        let ListenerKind::Tcp(old_target) = &old_listener.kind else {
+            continue;
+        };
+        for old_route in old_target.routes() {
             let survivor = new_routes
                 .iter_mut()
                 .find(|r| r.cluster.same_target(&old_route.cluster));

@@ -111,11 +111,11 @@ fn surviving_routes_share_their_token() {
     let retired = carry_over(&g2, &mut g3);
     assert_eq!(retired.len(), 1);
     retired[0].token.cancel();
-    let g1_route = g1.listeners[0].target.routes().next().unwrap();
+    let g1_route = g1.listeners[0].routes().next().unwrap();
     assert!(
         g1_route.retired.is_cancelled(),
         "generation 1's connections are told too"
     );
-    let g3_route = g3.listeners[0].target.routes().next().unwrap();
+    let g3_route = g3.listeners[0].routes().next().unwrap();
     assert!(!g3_route.retired.is_cancelled());
 }

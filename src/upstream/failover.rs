@@ -6,13 +6,17 @@
 //! moves on to the next endpoint at once, so the app sees no error while
 //! health catches up. Failback is implicit: the primary is always tried first,
 //! and its endpoints come back once their `healthy` threshold is met (or their
-//! ejection ends and a connect succeeds).
+//! ejection ends and a connect succeeds). TCP and HTTP share the walk; HTTP
+//! first looks for a pooled connection to the chosen endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use super::pool::{ProxyBody, Sender};
 use super::{ActiveGuard, Cluster, Endpoint, lb};
 use crate::metrics;
 
@@ -25,13 +29,28 @@ pub struct Connected {
     pub active: ActiveGuard,
 }
 
+/// An HTTP connection ready for one request.
+pub struct HttpConn {
+    pub sender: Sender,
+    pub cluster: Arc<Cluster>,
+    pub endpoint: Arc<Endpoint>,
+    /// Whether it came from the pool (a stale pooled connection may fail
+    /// before the request is sent; that is retried for free).
+    pub reused: bool,
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// No cluster of the route had an endpoint that accepted. Nothing was sent,
-    /// so the caller may always try elsewhere.
-    #[error("no healthy endpoint in cluster \"{cluster}\"{}", if *.failover > 0 { " or its failover clusters" } else { "" })]
-    NoHealthyEndpoint { cluster: Arc<str>, failover: usize },
+    /// so the caller may always try elsewhere. `attempts` is how many connects
+    /// were tried: 0 means no endpoint was even available.
+    #[error("no healthy endpoint in cluster \"{cluster}\"{} ({attempts} connects tried)", if *.failover > 0 { " or its failover clusters" } else { "" })]
+    NoHealthyEndpoint {
+        cluster: Arc<str>,
+        failover: usize,
+        attempts: usize,
+    },
 }
 
 /// Connects for a new app connection from `client`.
@@ -40,36 +59,172 @@ pub async fn connect(
     failover: &[Arc<Cluster>],
     client: SocketAddr,
 ) -> Result<Connected, ConnectError> {
-    for (i, cluster) in std::iter::once(primary).chain(failover).enumerate() {
-        cluster.wait_resolved().await;
-        let mut candidates = cluster.available();
-        while !candidates.is_empty() {
-            let pick = lb::pick(cluster.spec.lb, &candidates, &cluster.cursor, client.ip());
-            let endpoint = candidates.swap_remove(pick);
-            if let Ok(stream) = cluster.try_connect(&endpoint).await {
-                if i > 0 {
-                    metrics::get()
-                        .cluster_failovers_total
-                        .with_label_values(&[&primary.name, &cluster.name])
-                        .inc();
-                    tracing::debug!(cluster = %primary.name, to = %cluster.name, "connection failed over");
-                }
-                let active = endpoint.track();
-                return Ok(Connected {
-                    stream,
+    let mut walk = Walk::new(primary, failover, client);
+    while let Some((cluster, endpoint)) = walk.next().await {
+        if let Ok(stream) = cluster.try_connect(&endpoint).await {
+            walk.succeeded(cluster);
+            let active = endpoint.track();
+            return Ok(Connected {
+                stream,
+                cluster: cluster.clone(),
+                endpoint,
+                active,
+            });
+        }
+    }
+    Err(walk.exhausted())
+}
+
+/// An HTTP connection for one request from `client`: a pooled one to the
+/// chosen endpoint when there is one (unless `fresh`, for upgrades, which
+/// consume the connection), otherwise a new one.
+pub async fn connect_http(
+    primary: &Arc<Cluster>,
+    failover: &[Arc<Cluster>],
+    client: SocketAddr,
+    fresh: bool,
+) -> Result<HttpConn, ConnectError> {
+    let mut walk = Walk::new(primary, failover, client);
+    while let Some((cluster, endpoint)) = walk.next().await {
+        let http2 = cluster.spec.http2;
+        if !fresh {
+            let pooled = if http2 {
+                endpoint.pool.h2().map(Sender::H2)
+            } else {
+                endpoint.pool.checkout_h1().map(Sender::H1)
+            };
+            if let Some(sender) = pooled {
+                walk.succeeded(cluster);
+                return Ok(HttpConn {
+                    sender,
                     cluster: cluster.clone(),
                     endpoint,
-                    active,
+                    reused: true,
                 });
             }
         }
-        if i < failover.len() {
-            tracing::debug!(cluster = %cluster.name, "no available endpoint, trying the next failover cluster");
+        let Ok(stream) = cluster.try_connect(&endpoint).await else {
+            continue;
+        };
+        match handshake(stream, http2).await {
+            Ok(sender) => {
+                if let Sender::H2(s) = &sender {
+                    endpoint.pool.set_h2(s.clone());
+                }
+                walk.succeeded(cluster);
+                return Ok(HttpConn {
+                    sender,
+                    cluster: cluster.clone(),
+                    endpoint,
+                    reused: false,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e, "HTTP handshake failed");
+            }
         }
     }
-    primary.metrics.no_healthy_endpoint.inc();
-    Err(ConnectError::NoHealthyEndpoint {
-        cluster: primary.name.clone(),
-        failover: failover.len(),
-    })
+    Err(walk.exhausted())
+}
+
+/// Starts an HTTP/1.1 (with upgrades) or h2c client connection on `stream`.
+async fn handshake(stream: TcpStream, http2: bool) -> hyper::Result<Sender> {
+    let io = TokioIo::new(stream);
+    if http2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, ProxyBody>(io)
+            .await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new().handshake::<_, ProxyBody>(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(sender))
+    }
+}
+
+/// The route's clusters in order, and in each its available endpoints in LB order.
+struct Walk<'a> {
+    primary: &'a Arc<Cluster>,
+    failover: &'a [Arc<Cluster>],
+    client: SocketAddr,
+    /// Index of the cluster being tried: 0 the primary, then the failovers.
+    index: usize,
+    /// The current cluster's endpoints not tried yet; `None` before it was entered.
+    candidates: Option<Vec<Arc<Endpoint>>>,
+    attempts: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn new(primary: &'a Arc<Cluster>, failover: &'a [Arc<Cluster>], client: SocketAddr) -> Self {
+        Walk {
+            primary,
+            failover,
+            client,
+            index: 0,
+            candidates: None,
+            attempts: 0,
+        }
+    }
+
+    fn cluster(&self, index: usize) -> Option<&'a Arc<Cluster>> {
+        match index {
+            0 => Some(self.primary),
+            i => self.failover.get(i - 1),
+        }
+    }
+
+    /// The next endpoint to try, moving on to the next cluster when this one is used up.
+    async fn next(&mut self) -> Option<(&'a Arc<Cluster>, Arc<Endpoint>)> {
+        loop {
+            let cluster = self.cluster(self.index)?;
+            let candidates = match &mut self.candidates {
+                Some(c) => c,
+                None => {
+                    cluster.wait_resolved().await;
+                    self.candidates.insert(cluster.available())
+                }
+            };
+            if !candidates.is_empty() {
+                let pick = lb::pick(
+                    cluster.spec.lb,
+                    candidates,
+                    &cluster.cursor,
+                    self.client.ip(),
+                );
+                self.attempts += 1;
+                return Some((cluster, candidates.swap_remove(pick)));
+            }
+            if self.index < self.failover.len() {
+                tracing::debug!(cluster = %cluster.name, "no available endpoint, trying the next failover cluster");
+            }
+            self.index += 1;
+            self.candidates = None;
+        }
+    }
+
+    /// `cluster` gave the connection: count a failover if it is not the primary.
+    fn succeeded(&self, cluster: &Cluster) {
+        if self.index > 0 {
+            metrics::get()
+                .cluster_failovers_total
+                .with_label_values(&[&self.primary.name, &cluster.name])
+                .inc();
+            tracing::debug!(cluster = %self.primary.name, to = %cluster.name, "failed over");
+        }
+    }
+
+    /// Every cluster was tried: the error, counted on the primary.
+    fn exhausted(self) -> ConnectError {
+        self.primary.metrics.no_healthy_endpoint.inc();
+        ConnectError::NoHealthyEndpoint {
+            cluster: self.primary.name.clone(),
+            failover: self.failover.len(),
+            attempts: self.attempts,
+        }
+    }
 }

@@ -26,8 +26,9 @@ pub mod dns;
 pub mod failover;
 pub mod health;
 pub mod lb;
+pub mod pool;
 
-pub use failover::{ConnectError, Connected, connect};
+pub use failover::{ConnectError, Connected, HttpConn, connect, connect_http};
 
 /// A named group of interchangeable endpoints.
 pub struct Cluster {
@@ -57,6 +58,8 @@ pub struct ClusterSpec {
     pub drain_on_change: Option<Duration>,
     pub health: Option<HealthConfig>,
     pub resolver: ResolverConfig,
+    /// Speak h2c to the endpoints (HTTP clusters).
+    pub http2: bool,
 }
 
 /// One backend address and its live state.
@@ -68,6 +71,8 @@ pub struct Endpoint {
     /// Connections open through legate to this endpoint (for `least_conn`, `random`).
     active: AtomicUsize,
     healthy_gauge: IntGauge,
+    /// Idle HTTP connections for reuse.
+    pub pool: pool::Pool,
 }
 
 /// Decrements an endpoint's active count when the connection ends.
@@ -261,6 +266,7 @@ impl Endpoint {
             health: health::Health::default(),
             active: AtomicUsize::new(0),
             healthy_gauge,
+            pool: pool::Pool::default(),
         }
     }
 
@@ -296,7 +302,7 @@ impl Endpoint {
         self.healthy_gauge.set(i64::from(self.is_available()));
     }
 
-    fn track(self: &Arc<Self>) -> ActiveGuard {
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
     }

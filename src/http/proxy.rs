@@ -1,0 +1,501 @@
+//! One HTTP request: route it, rewrite it, send it upstream (retrying where
+//! that is safe), and stream the answer back.
+//!
+//! Bodies are never buffered: the app's body streams to the upstream and the
+//! upstream's body streams back. A request is retried only when that cannot
+//! repeat a side effect: after a failed connect (nothing was sent), or, for an
+//! idempotent method without a body, after a 502/503 or a reset; always on
+//! another endpoint, within the route timeout, and within the retry budget.
+//! Errors legate makes itself are short text answers marked `server: legate`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+
+use super::Conn;
+use crate::table::ListenerKind;
+use crate::table::http::HttpRoute;
+use crate::upstream::pool::{Checkin, ProxyBody, Sender};
+use crate::upstream::{self, ConnectError, HttpConn};
+
+/// The answer to one request, and which cluster gave it (for metrics and logs).
+struct Answer {
+    response: Response<ProxyBody>,
+    cluster: Option<Arc<str>>,
+    endpoint: Option<Arc<str>>,
+}
+
+/// Serves one request.
+pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+    let conn = &*conn;
+    let began = Instant::now();
+    let table = conn.tables.load();
+    let Some(listener) = table.listener(&conn.listener) else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
+    };
+    let ListenerKind::Http(http) = &listener.kind else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener is no longer HTTP\n",
+        );
+    };
+    let Some(route) = http.route(&req) else {
+        http.no_route.inc();
+        return error(StatusCode::NOT_FOUND, "no route matched\n");
+    };
+    route.budget.deposit();
+
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let answer = match tokio::time::timeout(
+        route.timeout,
+        forward(req, route, conn, client_upgrade),
+    )
+    .await
+    {
+        Ok(answer) => answer,
+        Err(_) => Answer {
+            response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
+            cluster: None,
+            endpoint: None,
+        },
+    };
+    let Answer {
+        mut response,
+        cluster,
+        endpoint,
+    } = answer;
+    route.response_headers.apply(response.headers_mut());
+
+    let status = response.status().as_u16();
+    let cluster_label = cluster
+        .clone()
+        .unwrap_or_else(|| route.target.pick().cluster.name.clone());
+    route.count(&cluster_label, status, began.elapsed());
+    if http.access_log {
+        tracing::info!(
+            target: "legate::access",
+            listener = %conn.listener, route = %route.name, client = %conn.client,
+            method = %method, path = %path, status,
+            cluster = cluster.as_deref().unwrap_or("-"), endpoint = endpoint.as_deref().unwrap_or("-"),
+            duration_ms = began.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    response
+}
+
+/// Sends the request to the route's upstream, with retries where safe.
+async fn forward(
+    req: Request<Incoming>,
+    route: &HttpRoute,
+    conn: &Conn,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Answer {
+    let target = route.target.pick();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = client_upgrade.is_some();
+    clean_request_headers(&mut parts.headers, upgrade);
+    if let Some(host) = &route.rewrite_host {
+        parts.headers.insert(header::HOST, host.clone());
+    }
+    if let Some(pq) = parts.uri.path_and_query().map(|pq| pq.as_str())
+        && let Some(rewritten) = route.rewritten_path(pq)
+        && let Ok(uri) = rewritten.parse::<Uri>()
+    {
+        parts.uri = uri;
+    }
+    route.request_headers.apply(&mut parts.headers);
+    // HTTP/2 clients send the host as :authority only; HTTP/1.1 upstreams need Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+
+    let replayable = body.is_end_stream();
+    let idempotent = is_idempotent(&parts.method);
+    let mut body = Some(mirror(route, conn, &parts, body));
+    let mut retries_left = route.retries;
+
+    loop {
+        let connected =
+            upstream::connect_http(&target.cluster, &target.failover, conn.client, upgrade).await;
+        let HttpConn {
+            sender,
+            cluster,
+            endpoint,
+            reused,
+        } = match connected {
+            Ok(c) => c,
+            Err(ConnectError::NoHealthyEndpoint { attempts, .. }) => {
+                // Nothing was sent: any method may be retried.
+                if retries_left > 0 && attempts > 0 && route.budget.withdraw() {
+                    retries_left -= 1;
+                    continue;
+                }
+                let (status, msg) = if attempts == 0 {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+                };
+                return Answer {
+                    response: error(status, msg),
+                    cluster: Some(target.cluster.name.clone()),
+                    endpoint: None,
+                };
+            }
+        };
+        let labels = (Some(cluster.name.clone()), Some(endpoint.label.clone()));
+        let this_body = match body.take() {
+            Some(b) => b,
+            // A retry of a request without a body.
+            None => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+        };
+        let request = upstream_request(&parts, this_body, &sender, cluster.spec().http2);
+        let sent = send(sender, request, &endpoint).await;
+        match sent {
+            Outcome::Response(mut response) => {
+                let status = response.status();
+                let retryable_status =
+                    status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE;
+                if retryable_status
+                    && idempotent
+                    && replayable
+                    && retries_left > 0
+                    && route.budget.withdraw()
+                {
+                    retries_left -= 1;
+                    continue;
+                }
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = client_upgrade {
+                        tunnel(client, hyper::upgrade::on(&mut response));
+                    }
+                } else {
+                    clean_response_headers(response.headers_mut());
+                }
+                return Answer {
+                    response,
+                    cluster: labels.0,
+                    endpoint: labels.1,
+                };
+            }
+            Outcome::Unsent(request) => {
+                // A pooled connection that closed under us: the request never
+                // left, so it goes again on a fresh one without using a retry.
+                body = Some(request.into_body());
+                if !reused {
+                    return Answer {
+                        response: error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream closed the connection\n",
+                        ),
+                        cluster: labels.0,
+                        endpoint: labels.1,
+                    };
+                }
+            }
+            Outcome::Failed(e) => {
+                tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e, "upstream request failed");
+                if idempotent && replayable && retries_left > 0 && route.budget.withdraw() {
+                    retries_left -= 1;
+                    continue;
+                }
+                return Answer {
+                    response: error(StatusCode::BAD_GATEWAY, "upstream connection failed\n"),
+                    cluster: labels.0,
+                    endpoint: labels.1,
+                };
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Response(Response<ProxyBody>),
+    /// The request did not leave (a stale pooled connection); here it is back.
+    Unsent(Request<ProxyBody>),
+    Failed(hyper::Error),
+}
+
+async fn send(
+    sender: Sender,
+    request: Request<ProxyBody>,
+    endpoint: &Arc<upstream::Endpoint>,
+) -> Outcome {
+    match sender {
+        Sender::H1(mut s) => match s.try_send_request(request).await {
+            Ok(response) => {
+                let endpoint = endpoint.clone();
+                Outcome::Response(response.map(|body| {
+                    Checkin::new(body, s, endpoint)
+                        .map_err(Into::into)
+                        .boxed_unsync()
+                }))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(request) => Outcome::Unsent(request),
+                None => Outcome::Failed(e.into_error()),
+            },
+        },
+        Sender::H2(mut s) => match s.try_send_request(request).await {
+            Ok(response) => {
+                Outcome::Response(response.map(|b| b.map_err(Into::into).boxed_unsync()))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(request) => Outcome::Unsent(request),
+                None => Outcome::Failed(e.into_error()),
+            },
+        },
+    }
+}
+
+/// The request as the upstream gets it: origin-form for HTTP/1.1, absolute
+/// (with the host as `:authority`) for HTTP/2.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: ProxyBody,
+    sender: &Sender,
+    http2: bool,
+) -> Request<ProxyBody> {
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    match (sender, http2) {
+        (Sender::H2(_), _) | (_, true) => {
+            *req.version_mut() = Version::HTTP_2;
+            let authority = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            *req.uri_mut() = format!("http://{authority}{path_and_query}")
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"));
+            req.headers_mut().remove(header::HOST);
+        }
+        _ => {
+            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = path_and_query
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"));
+        }
+    }
+    req
+}
+
+/// The app's body, teed to the route's mirror cluster for the chosen share of
+/// requests. The copy never slows or fails the real request: if the mirror
+/// falls behind, its copy is cut off.
+fn mirror(
+    route: &HttpRoute,
+    conn: &Conn,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> ProxyBody {
+    let Some(mirror) = &route.mirror else {
+        return body.map_err(Into::into).boxed_unsync();
+    };
+    if rand::random::<f64>() >= mirror.fraction {
+        return body.map_err(Into::into).boxed_unsync();
+    }
+    let (tx, copy) =
+        http_body_util::channel::Channel::<Bytes, crate::upstream::pool::BoxError>::new(16);
+    let empty = body.is_end_stream();
+    let mut copy_parts = parts.clone();
+    copy_parts.extensions = http::Extensions::new();
+    let cluster = mirror.cluster.clone();
+    let client = conn.client;
+    let timeout = route.timeout;
+    tokio::spawn(async move {
+        let copy_body = if empty {
+            Empty::new().map_err(|e| match e {}).boxed_unsync()
+        } else {
+            copy.boxed_unsync()
+        };
+        let result = tokio::time::timeout(timeout, async {
+            let c = upstream::connect_http(&cluster, &[], client, false)
+                .await
+                .ok()?;
+            let req = upstream_request(&copy_parts, copy_body, &c.sender, c.cluster.spec().http2);
+            match send(c.sender, req, &c.endpoint).await {
+                // Read the answer to the end so the connection can be reused.
+                Outcome::Response(resp) => resp.into_body().collect().await.ok().map(|_| ()),
+                _ => None,
+            }
+        })
+        .await;
+        if !matches!(result, Ok(Some(()))) {
+            tracing::debug!(cluster = %cluster.name, "mirrored request failed (the real one is unaffected)");
+        }
+    });
+    if empty {
+        return body.map_err(Into::into).boxed_unsync();
+    }
+    Tee {
+        inner: body,
+        copy: Some(tx),
+    }
+    .boxed_unsync()
+}
+
+/// A body that passes its data on and offers a copy of each chunk to `copy`.
+struct Tee {
+    inner: Incoming,
+    copy: Option<http_body_util::channel::Sender<Bytes, crate::upstream::pool::BoxError>>,
+}
+
+impl Body for Tee {
+    type Data = Bytes;
+    type Error = crate::upstream::pool::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Some(tx) = &mut self.copy
+            && tx.try_send(hyper::body::Frame::data(data.clone())).is_err()
+        {
+            // The mirror is slow or gone: stop copying; its request fails.
+            if let Some(tx) = self.copy.take() {
+                tx.abort(copy_aborted());
+            }
+        }
+        match &polled {
+            // Done: dropping the sender ends the copy cleanly.
+            std::task::Poll::Ready(None) => self.copy = None,
+            // Broken: the copy must not look complete.
+            std::task::Poll::Ready(Some(Err(_))) => {
+                if let Some(tx) = self.copy.take() {
+                    tx.abort(copy_aborted());
+                }
+            }
+            _ => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The error a cut-off mirror copy ends with. hyper offers no public
+/// constructor for its error type, so the channel carries our own.
+fn copy_aborted() -> crate::upstream::pool::BoxError {
+    "mirror copy cut off".into()
+}
+
+/// Joins the app's and the upstream's upgraded connections (WebSocket).
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+            return;
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    });
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// RFC 9110 §7.6.1: hop-by-hop fields, and any field the Connection header
+/// names, are for this hop only. An upgrade keeps `Connection: upgrade` and
+/// `Upgrade`, which the upstream needs to accept it.
+fn clean_request_headers(headers: &mut HeaderMap, upgrade: bool) {
+    remove_hop_by_hop(headers, upgrade);
+    // `TE: trailers` is the one TE value a proxy may forward (gRPC needs it).
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn clean_response_headers(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers, false);
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// An answer legate makes itself.
+fn error(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(message.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::SERVER, HeaderValue::from_static("legate"));
+    h.insert(header::VIA, HeaderValue::from_static("1.1 legate"));
+    resp
+}
