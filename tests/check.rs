@@ -272,3 +272,58 @@ fn only_yaml_files_are_read() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("\"db\""), "{stdout}");
 }
+
+#[test]
+fn http_route_errors_are_located() {
+    let err = rejected(&[(
+        "routes.yaml",
+        &format!(
+            r#"listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    protocol: http
+    routes:
+      - match: {{ path_prefix: v2 }}
+        cluster: db
+      - match: {{ method: "G ET" }}
+        cluster: nope
+      - rewrite: {{ path_prefix: / }}
+        cluster: db
+      - mirror: {{ cluster: db, percent: 150 }}
+        cluster: db
+      - cluster: db
+        split: [ {{ cluster: db, weight: 1 }} ]
+{CLUSTER}"#
+        ),
+    )]);
+    assert!(
+        err.contains(r#"routes.yaml:6:"#)
+            && err.contains(r#"field "path_prefix": must start with '/'"#),
+        "{err}"
+    );
+    assert!(err.contains(r#"invalid method "G ET""#), "{err}");
+    assert!(
+        err.contains(r#"routes.yaml:9:18: field "cluster": unknown cluster "nope""#),
+        "{err}"
+    );
+    assert!(err.contains("path_prefix needs match.path_prefix"), "{err}");
+    assert!(
+        err.contains(r#"field "percent": must be between 0 and 100"#),
+        "{err}"
+    );
+    assert!(err.contains("not both"), "{err}");
+}
+
+#[test]
+fn routes_need_protocol_http() {
+    let err = rejected(&[(
+        "routes.yaml",
+        &format!(
+            "listeners:\n  - name: db\n    listen: 127.0.0.1:0\n    routes: [ {{ cluster: db }} ]\n{CLUSTER}"
+        ),
+    )]);
+    assert!(
+        err.contains(r#"listener "db": "routes" need protocol: http"#),
+        "{err}"
+    );
+}

@@ -176,6 +176,8 @@ async fn forward(
                     retries_left -= 1;
                     continue;
                 }
+                // The app talks to legate, whatever version the upstream spoke.
+                *response.version_mut() = Version::HTTP_11;
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         tunnel(client, hyper::upgrade::on(&mut response));

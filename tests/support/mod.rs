@@ -9,6 +9,8 @@
 pub mod backends;
 pub mod configmap;
 pub mod dns;
+pub mod http;
+pub mod nginx;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

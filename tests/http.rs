@@ -1,0 +1,413 @@
+//! The HTTP ambassador through the real binary: curl and raw clients in front,
+//! hyper backends (and a real nginx) behind.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::http::{Client, HttpBackend, curl};
+use support::{DEADLINE, Legate, refused_addr, wait_until};
+
+fn http_listener(routes: &str, clusters: &str) -> String {
+    format!(
+        "listeners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    protocol: http\n    access_log: true\n    routes:\n{routes}\nclusters:\n{clusters}\n"
+    )
+}
+
+fn cluster(name: &str, endpoints: &[SocketAddr], extra: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "  - {{ name: {name}, endpoints: [ {} ]{extra} }}\n",
+        eps.join(", ")
+    )
+}
+
+/// Routing on header, host suffix + path prefix, and method + exact path,
+/// with host and prefix rewrites and request/response header edits; a request
+/// no route matches gets legate's own 404.
+#[test]
+fn routes_match_rewrite_and_edit_headers() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let legate = Legate::start(&http_listener(
+        r#"      - name: canary
+        match: { headers: { x-canary: "1" } }
+        cluster: b
+      - name: v2
+        match: { host: "*.example.com", path_prefix: /v2/ }
+        rewrite: { host: api.internal, path_prefix: / }
+        request_headers: { add: { x-added: "yes" }, remove: [ x-drop ] }
+        response_headers: { add: { x-resp: "yes" }, remove: [ x-remove-me ] }
+        cluster: a
+      - name: submit
+        match: { method: POST, path: /submit }
+        cluster: b"#,
+        &(cluster("a", &[a.addr], "") + &cluster("b", &[b.addr], "")),
+    ));
+    let url = |p: &str| format!("http://{}{p}", legate.addr("web"));
+
+    let (status, text) = curl(
+        &["-H", "Host: shop.example.com:8080", "-H", "x-drop: 1"],
+        &url("/v2/users?id=7"),
+    );
+    assert_eq!(status, 200, "{text}");
+    let seen = a.last();
+    assert_eq!(seen["uri"], "/users?id=7");
+    assert_eq!(seen["headers"]["host"], "api.internal");
+    assert_eq!(seen["headers"]["x-added"], "yes");
+    assert!(seen["headers"]["x-drop"].is_null(), "{seen}");
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("x-resp: yes"), "{text}");
+    assert!(!lower.contains("x-remove-me"), "{text}");
+
+    let (status, _) = curl(&["-H", "x-canary: 1"], &url("/v2/users"));
+    assert_eq!(status, 200);
+    assert_eq!(b.last()["path"], "/v2/users");
+
+    let (status, _) = curl(&["-X", "POST", "-d", "hello"], &url("/submit"));
+    assert_eq!(status, 200);
+    assert_eq!(b.last()["body"], "hello");
+
+    for (args, path) in [
+        (vec!["-X", "GET"], "/submit"),
+        (vec!["-H", "Host: other.org"], "/v2/x"),
+    ] {
+        let (status, text) = curl(&args, &url(path));
+        assert_eq!(status, 404, "{text}");
+        assert!(text.contains("no route matched"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("server: legate"),
+            "{text}"
+        );
+    }
+    wait_until("metrics", || {
+        legate.metric(r#"legate_http_requests_total{cluster="a",code="2xx",listener="web",route="v2"}"#) == 1.0
+            && legate.metric(r#"legate_http_requests_total{cluster="none",code="4xx",listener="web",route="none"}"#) == 2.0
+    });
+    assert_eq!(
+        legate.metric(r#"legate_http_request_seconds_count{listener="web",route="submit"}"#),
+        1.0
+    );
+    legate.wait_log(|l| {
+        l.contains(r#""message":"request""#)
+            && l.contains(r#""route":"v2""#)
+            && l.contains(r#""status":200"#)
+    });
+}
+
+/// curl with HTTP/2 prior knowledge is served on the same port; a cluster
+/// with `http2: true` gets HTTP/2 with the right authority.
+#[test]
+fn h2c_downstream_and_upstream() {
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&http_listener(
+        "      - cluster: a",
+        &cluster("a", &[a.addr], ", http2: true"),
+    ));
+    let (status, text) = curl(
+        &["--http2-prior-knowledge", "-H", "Host: api.local"],
+        &format!("http://{}/h2", legate.addr("web")),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    let seen = a.last();
+    assert_eq!(seen["version"], "HTTP/2.0");
+    assert_eq!(seen["uri"], "http://api.local/h2");
+    // A second request shares the one HTTP/2 connection to the endpoint.
+    let (status, _) = curl(
+        &["-H", "Host: api.local"],
+        &format!("http://{}/again", legate.addr("web")),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(a.connections(), 1);
+}
+
+/// Keep-alive: 20 requests from one client connection reuse one pooled
+/// upstream connection.
+#[test]
+fn upstream_connections_are_pooled() {
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&http_listener(
+        "      - cluster: a",
+        &cluster("a", &[a.addr], ""),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    for i in 0..20 {
+        let reply = client.get(&format!("/n/{i}"));
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["path"], format!("/n/{i}"));
+    }
+    assert_eq!(a.requests(), 20);
+    assert_eq!(a.connections(), 1);
+}
+
+/// A 80/20 split over 1000 requests lands near 80/20.
+#[test]
+fn split_ratio_over_1000_requests() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let legate = Legate::start(&http_listener(
+        "      - split: [ { cluster: a, weight: 80 }, { cluster: b, weight: 20 } ]",
+        &(cluster("a", &[a.addr], "") + &cluster("b", &[b.addr], "")),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    for _ in 0..1000 {
+        assert_eq!(client.get("/").status, 200);
+    }
+    // Expected 200 to b; sd ≈ 12.6, so 150..250 is ~4 sigma.
+    assert!(
+        (150..=250).contains(&b.requests()),
+        "b got {} of 1000",
+        b.requests()
+    );
+    assert_eq!(a.requests() + b.requests(), 1000);
+}
+
+/// Retries: a dead endpoint is skipped; a 503 on an idempotent GET is retried
+/// on another endpoint; a POST that was sent is never retried.
+#[test]
+fn retries_only_where_safe() {
+    let good = HttpBackend::start("good");
+    let broken = HttpBackend::start("broken");
+    let dead = refused_addr();
+    let legate = Legate::start(&http_listener(
+        "      - retries: 2\n        cluster: pool",
+        &cluster("pool", &[dead, broken.addr, good.addr], ""),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    for _ in 0..6 {
+        let reply = client.get("/item");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-backend"), Some("good"));
+    }
+    assert!(broken.requests() >= 1, "the 503 endpoint was never tried");
+
+    let before = good.requests() + broken.requests();
+    let mut saw_503 = 0;
+    for _ in 0..6 {
+        let reply = client.send("POST", "/order", &[], b"one order").unwrap();
+        if reply.status == 503 {
+            saw_503 += 1;
+        }
+    }
+    assert_eq!(
+        good.requests() + broken.requests() - before,
+        6,
+        "a POST was sent twice"
+    );
+    assert!(saw_503 >= 1, "no POST reached the broken endpoint");
+}
+
+/// Errors are honest: all endpoints refuse → 502, then (ejected) 503, each
+/// marked as legate's own answer; a slow upstream → 504 at the route timeout.
+#[test]
+fn error_statuses_and_timeout() {
+    let slow = HttpBackend::start("slow");
+    let legate = Legate::start(&http_listener(
+        "      - match: { path_prefix: /sleep/ }\n        timeout: 300ms\n        cluster: slow\n      - cluster: dead",
+        &(cluster("slow", &[slow.addr], "") + &cluster("dead", &[refused_addr()], "")),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    let r = client.get("/x");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("server"), Some("legate"));
+    assert_eq!(r.header("via"), Some("1.1 legate"));
+    let r = client.get("/x");
+    assert_eq!(r.status, 503, "{r:?}");
+
+    let began = Instant::now();
+    let r = client.get("/sleep/3000");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        began.elapsed()
+    );
+}
+
+/// A malformed request gets 400.
+#[test]
+fn malformed_request_gets_400() {
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&http_listener(
+        "      - cluster: a",
+        &cluster("a", &[a.addr], ""),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    client
+        .raw()
+        .get_mut()
+        .write_all(b"GET /\x01bad HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let reply = client.read_reply(false).expect("a response");
+    assert_eq!(reply.status, 400);
+    assert_eq!(a.requests(), 0);
+}
+
+/// Mirroring: every request (GET, and POST with its body) also reaches the
+/// shadow cluster; the app's answer comes from the real one.
+#[test]
+fn mirror_sends_copies() {
+    let main = HttpBackend::start("main");
+    let shadow = HttpBackend::start("shadow");
+    let legate = Legate::start(&http_listener(
+        "      - mirror: { cluster: shadow, percent: 100 }\n        cluster: main",
+        &(cluster("main", &[main.addr], "") + &cluster("shadow", &[shadow.addr], "")),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    for i in 0..5 {
+        assert_eq!(
+            client.get(&format!("/get/{i}")).header("x-backend"),
+            Some("main")
+        );
+        let r = client
+            .send("POST", "/post", &[], format!("body {i}").as_bytes())
+            .unwrap();
+        assert_eq!(r.json()["body"], format!("body {i}"));
+    }
+    wait_until("shadow got all copies", || shadow.requests() == 10);
+    let bodies: Vec<String> = shadow
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|d| d["method"] == "POST")
+        .map(|d| d["body"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(bodies.len(), 5);
+    assert!(bodies.contains(&"body 3".to_string()), "{bodies:?}");
+}
+
+/// WebSocket-style upgrade: 101 from the backend, then bytes both ways
+/// through the tunnel.
+#[test]
+fn upgrade_is_tunneled() {
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&http_listener(
+        "      - cluster: a",
+        &cluster("a", &[a.addr], ""),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    client
+        .raw()
+        .get_mut()
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .unwrap();
+    let reply = client.read_reply(false).unwrap();
+    assert_eq!(reply.status, 101, "{reply:?}");
+    assert_eq!(reply.header("upgrade"), Some("websocket"));
+    for msg in ["hello over the tunnel", "second frame"] {
+        client.raw().get_mut().write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        client.raw().read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg.as_bytes());
+    }
+}
+
+/// A 1 GiB upload streams through without growing legate's memory.
+#[test]
+fn gigabyte_upload_streams_with_flat_memory() {
+    const SIZE: usize = 1 << 30;
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&http_listener(
+        "      - timeout: 120s\n        cluster: a",
+        &cluster("a", &[a.addr], ""),
+    ));
+    let rss = || legate.metric("process_resident_memory_bytes");
+    let before = rss();
+    let mut client = Client::connect(legate.addr("web"));
+    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n");
+    let stream = client.raw().get_mut();
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![0x61u8; 1 << 20];
+    let mut peak = before;
+    for i in 0..(SIZE / chunk.len()) {
+        stream.write_all(&chunk).unwrap();
+        if i % 128 == 0 {
+            peak = peak.max(rss());
+        }
+    }
+    let reply = client.read_reply(false).unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, SIZE.to_string());
+    peak = peak.max(rss());
+    let growth = (peak - before) / (1024.0 * 1024.0);
+    eprintln!(
+        "1 GiB upload: RSS {:.1} MiB before, peak {:.1} MiB (+{growth:.1} MiB)",
+        before / 1048576.0,
+        peak / 1048576.0
+    );
+    assert!(
+        growth < 32.0,
+        "RSS grew by {growth:.1} MiB during a streamed upload"
+    );
+}
+
+/// A reload applies to the next request on an existing keep-alive connection.
+#[test]
+fn reload_applies_to_the_next_request() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let clusters = cluster("a", &[a.addr], "") + &cluster("b", &[b.addr], "");
+    let mut legate = Legate::start(&http_listener("      - cluster: a", &clusters));
+    let mut client = Client::connect(legate.addr("web"));
+    assert_eq!(client.get("/").header("x-backend"), Some("a"));
+    let file = legate.dir.as_ref().unwrap().path().join("legate.yaml");
+    std::fs::write(&file, http_listener("      - cluster: b", &clusters)).unwrap();
+    assert_eq!(legate.post("/reload").0, 200);
+    assert_eq!(client.get("/").header("x-backend"), Some("b"));
+    legate.refresh_listeners();
+}
+
+/// SIGTERM: the in-flight request finishes, the keep-alive connection is
+/// then closed, and legate exits 0.
+#[test]
+fn shutdown_finishes_in_flight_requests() {
+    let a = HttpBackend::start("a");
+    let mut legate = Legate::start(&http_listener(
+        "      - cluster: a",
+        &cluster("a", &[a.addr], ""),
+    ));
+    let mut client = Client::connect(legate.addr("web"));
+    assert_eq!(client.get("/warm").status, 200);
+    client
+        .raw()
+        .get_mut()
+        .write_all(b"GET /sleep/500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_until("request in flight", || a.requests() == 2);
+    legate.signal("TERM");
+    let reply = client.read_reply(false).expect("in-flight response");
+    assert_eq!(reply.status, 200);
+    let mut rest = Vec::new();
+    let _ = client.raw().read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert_eq!(legate.wait_exit(DEADLINE).code(), Some(0));
+}
+
+/// A real nginx as the upstream, and h2load driving concurrent HTTP/2
+/// requests through legate to it.
+#[test]
+fn nginx_upstream_and_h2load() {
+    let nginx = support::nginx::Nginx::start();
+    let legate = Legate::start(&http_listener(
+        "      - cluster: nginx",
+        &cluster("nginx", &[nginx.addr], ""),
+    ));
+    let (status, text) = curl(&[], &format!("http://{}/hello", legate.addr("web")));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("hello from nginx"), "{text}");
+
+    let out = std::process::Command::new("h2load")
+        .args(["-n", "2000", "-c", "10", "-m", "10"])
+        .arg(format!("http://{}/hello", legate.addr("web")))
+        .output()
+        .expect("run h2load (apt-get install nghttp2-client)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("2000 total, 2000 started, 2000 done, 2000 succeeded"),
+        "{report}"
+    );
+}
