@@ -51,8 +51,10 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
     };
     route.budget.deposit();
 
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Only the access log needs these after the request is gone.
+    let logged = http
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let answer = match tokio::time::timeout(
         route.timeout,
@@ -79,7 +81,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
         .clone()
         .unwrap_or_else(|| route.target.pick().cluster.name.clone());
     route.count(&cluster_label, status, began.elapsed());
-    if http.access_log {
+    if let Some((method, path)) = logged {
         tracing::info!(
             target: "legate::access",
             listener = %conn.listener, route = %route.name, client = %conn.client,
