@@ -267,7 +267,9 @@ fn mirror_sends_copies() {
             .unwrap();
         assert_eq!(r.json()["body"], format!("body {i}"));
     }
-    wait_until("shadow got all copies", || shadow.seen.lock().unwrap().len() == 10);
+    wait_until("shadow got all copies", || {
+        shadow.seen.lock().unwrap().len() == 10
+    });
     let bodies: Vec<String> = shadow
         .seen
         .lock()
