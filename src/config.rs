@@ -23,6 +23,9 @@ pub struct Config {
     pub resolver: ResolverConfig,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
+    /// The file each cluster was defined in (same order as `clusters`), for
+    /// errors found after parsing, such as unreadable TLS files.
+    pub cluster_files: Vec<PathBuf>,
 }
 
 /// The top-level `resolver:`: how endpoint names are resolved. At most one file sets it.
@@ -202,6 +205,49 @@ pub struct ClusterConfig {
     /// HTTP clusters: speak cleartext HTTP/2 (h2c) to the endpoints. Default false.
     #[serde(default)]
     pub http2: bool,
+    /// Originate TLS (or mTLS) to the endpoints.
+    pub tls: Option<Spanned<TlsConfig>>,
+}
+
+/// `tls:` of a cluster. Files are PEM; they are watched and reloaded like the config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server name to send and verify; default: the endpoint's DNS name. An IP
+    /// endpoint needs it (or `verify: false`).
+    pub sni: Option<String>,
+    /// CA bundle; default: the system roots (or the bundled Mozilla roots when
+    /// the system has none).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain, for mTLS; needs `key`.
+    pub cert: Option<PathBuf>,
+    /// Client key (PKCS#8, SEC1 or RSA), for mTLS; needs `cert`.
+    pub key: Option<PathBuf>,
+    /// ALPN protocols to offer, e.g. `[h2, http/1.1]`; an HTTP cluster that
+    /// negotiates h2 speaks HTTP/2.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// Lowest TLS version: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Verify the server's certificate and name. Only `verify: false`, written
+    /// out, turns it off (and is logged as a warning at every load).
+    #[serde(default = "default_true")]
+    pub verify: bool,
+}
+
+/// A TLS protocol version floor.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `health:` of a cluster: a probe every `interval` (with jitter), `unhealthy`
@@ -648,6 +694,40 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
         }
     }
     for (c, file) in clusters.iter().zip(&cluster_files) {
+        if let Some(tls) = &c.tls {
+            let (t, loc) = (&tls.value, &tls.referenced);
+            if t.cert.is_some() != t.key.is_some() {
+                at(
+                    file,
+                    loc,
+                    "field \"tls\": \"cert\" and \"key\" go together (mTLS needs both)".to_string(),
+                );
+            }
+            let has_ip_endpoint = c
+                .endpoints
+                .value
+                .iter()
+                .any(|e| matches!(e.value.target, EndpointTarget::Addr(_)));
+            if t.verify && t.sni.is_none() && has_ip_endpoint {
+                at(file, loc, "field \"tls\": an IP endpoint has no name to verify: set \"sni\" (or verify: false)".to_string());
+            }
+            if let Some(sni) = &t.sni
+                && rustls_pki_types::ServerName::try_from(sni.as_str()).is_err()
+            {
+                at(
+                    file,
+                    loc,
+                    format!("field \"sni\": invalid server name \"{sni}\""),
+                );
+            }
+            if t.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+                at(
+                    file,
+                    loc,
+                    "field \"alpn\": protocols must be 1 to 255 bytes".to_string(),
+                );
+            }
+        }
         let mut seen = HashSet::new();
         for f in &c.failover {
             if f.value == c.name.value {
@@ -812,6 +892,7 @@ fn merge(files: Vec<(PathBuf, FileConfig)>, diagnostics: &mut Vec<Diagnostic>) -
         resolver: resolver.map(|(_, r)| r.value).unwrap_or_default(),
         listeners,
         clusters,
+        cluster_files,
     }
 }
 
@@ -1073,6 +1154,11 @@ impl std::error::Error for ConfigError {}
 // === impl Diagnostic ===
 
 impl Diagnostic {
+    /// A problem at `loc` in `file`.
+    pub fn at(file: &Path, loc: &Location, message: String) -> Self {
+        Diagnostic::new(file, loc.line(), loc.column(), message)
+    }
+
     fn new(file: &Path, line: u64, column: u64, message: String) -> Self {
         Diagnostic {
             file: file.to_path_buf(),

@@ -28,6 +28,7 @@ pub mod reload;
 pub mod shutdown;
 pub mod table;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 use config::{Config, ConfigError};
@@ -60,6 +61,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let initial = reload::load_initial(&opts.config_dir)?;
     let tables = Arc::new(ArcSwap::from_pointee(table::compile(
         &initial.config,
+        &initial.tls,
         1,
         None,
     )));
@@ -128,5 +130,6 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
 /// `legate check`: validates the directory and returns the compiled table as JSON.
 pub fn check(dir: &Path) -> Result<serde_json::Value, ConfigError> {
     let config = Config::load(dir)?;
-    Ok(table::compile(&config, 1, None).describe(&Default::default()))
+    let tls = tls::load_all(&config)?;
+    Ok(table::compile(&config, &tls, 1, None).describe(&Default::default()))
 }

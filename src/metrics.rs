@@ -8,8 +8,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every family legate exports.
@@ -25,6 +25,7 @@ pub struct Metrics {
     pub dns_resolutions_total: IntCounterVec,
     pub http_requests_total: IntCounterVec,
     pub http_request_seconds: HistogramVec,
+    pub tls_cert_expiry: GaugeVec,
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
@@ -49,6 +50,8 @@ pub struct ClusterMetrics {
     pub connect_timeout: IntCounter,
     /// Any other connect error (unreachable network, no route, ...).
     pub connect_error: IntCounter,
+    /// TCP connected, TLS handshake or verification failed.
+    pub connect_tls_error: IntCounter,
     /// Counted once per client turned away because no endpoint of the route's
     /// clusters (primary and failover) answered.
     pub no_healthy_endpoint: IntCounter,
@@ -156,6 +159,14 @@ impl Metrics {
             &["listener", "route"],
         )
         .expect("static metric definition");
+        let tls_cert_expiry = GaugeVec::new(
+            Opts::new(
+                "legate_tls_cert_expiry_timestamp_seconds",
+                "When the client certificate a cluster presents (mTLS) expires, Unix time.",
+            ),
+            &["cluster"],
+        )
+        .expect("static metric definition");
         let config_reloads_total = IntCounterVec::new(
             Opts::new(
                 "legate_config_reloads_total",
@@ -190,6 +201,7 @@ impl Metrics {
             Box::new(dns_resolutions_total.clone()),
             Box::new(http_requests_total.clone()),
             Box::new(http_request_seconds.clone()),
+            Box::new(tls_cert_expiry.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -215,6 +227,7 @@ impl Metrics {
             dns_resolutions_total,
             http_requests_total,
             http_request_seconds,
+            tls_cert_expiry,
             config_reloads_total,
             config_generation,
             config_last_reload_success,
@@ -239,6 +252,7 @@ impl Metrics {
             connect_refused: result("refused"),
             connect_timeout: result("timeout"),
             connect_error: result("error"),
+            connect_tls_error: result("tls_error"),
             no_healthy_endpoint: result("no_healthy_endpoint"),
             connect_seconds: self.upstream_connect_seconds.with_label_values(&[name]),
         }

@@ -9,6 +9,7 @@
 //! naming file and line, and is counted. Each applied table is also sent on a
 //! watch channel, which `lib` uses to bring the listeners in step.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::config::{self, Config};
 use crate::metrics;
 use crate::shutdown::Shutdown;
 use crate::table::{self, RoutingTable};
+use crate::tls::{self, TlsClient};
 
 /// Quiet time after the last file event before reloading: the kubelet's swap
 /// is several events in a row.
@@ -66,6 +68,7 @@ pub struct Handle {
 /// The first table, loaded at start, and the content hash it came from.
 pub struct Initial {
     pub config: Config,
+    pub tls: HashMap<String, Arc<TlsClient>>,
     pub hash: u64,
 }
 
@@ -78,14 +81,19 @@ struct Reloader {
     /// file is not re-reported on every poll.
     last_hash: u64,
     status: Arc<Mutex<Status>>,
+    /// The directory watch; TLS file directories are added to it as configs name them.
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: Vec<PathBuf>,
 }
 
 /// Loads the config directory for the first table.
 pub fn load_initial(dir: &Path) -> Result<Initial, config::ConfigError> {
     let sources = config::read_sources(dir)?;
-    let hash = hash_sources(&sources);
+    let source_hash = hash_sources(&sources);
     let config = Config::from_sources(sources)?;
-    Ok(Initial { config, hash })
+    let hash = hash_with_tls(source_hash, &config);
+    let tls = tls::load_all(&config)?;
+    Ok(Initial { config, tls, hash })
 }
 
 /// Starts the reloader for `dir`, whose current content hashed to `hash` and is
@@ -116,6 +124,8 @@ pub fn spawn(
         publish,
         last_hash: hash,
         status: status.clone(),
+        watcher: None,
+        watched: Vec::new(),
     };
     tokio::spawn(reloader.run(settings, request_rx, shutdown));
     (Handle { requests, status }, applied)
@@ -150,10 +160,13 @@ impl Reloader {
         // Events arrive on notify's own thread; a full channel already means
         // "something changed", so extra events are dropped, not queued.
         let (event_tx, mut events) = mpsc::channel::<()>(1);
-        let _watcher = settings
+        self.watcher = settings
             .watch
             .then(|| watch_dir(&self.dir, event_tx))
             .flatten();
+        if let Ok(config) = Config::load(&self.dir) {
+            self.watch_tls_dirs(&config);
+        }
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let poll_every = settings.poll_interval.unwrap_or(Duration::MAX);
         let mut poll = tokio::time::interval_at(
@@ -184,21 +197,32 @@ impl Reloader {
             Ok(s) => s,
             Err(e) => return self.reject(trigger, e.to_string()),
         };
-        let hash = hash_sources(&sources);
+        let source_hash = hash_sources(&sources);
+        let parsed = Config::from_sources(sources);
+        // TLS files count as content: a rotated certificate is a change.
+        let hash = match &parsed {
+            Ok(config) => hash_with_tls(source_hash, config),
+            Err(_) => source_hash,
+        };
         if hash == self.last_hash {
             let generation = self.tables.load().generation;
             tracing::debug!(trigger, generation, "config unchanged");
             return Outcome::Unchanged { generation };
         }
         self.last_hash = hash;
-        let config = match Config::from_sources(sources) {
+        let config = match parsed {
             Ok(c) => c,
             Err(e) => return self.reject(trigger, e.to_string()),
         };
+        let tls = match tls::load_all(&config) {
+            Ok(t) => t,
+            Err(e) => return self.reject(trigger, e.to_string()),
+        };
+        self.watch_tls_dirs(&config);
 
         let old = self.tables.load_full();
         let generation = old.generation + 1;
-        let mut new = table::compile(&config, generation, Some(&old));
+        let mut new = table::compile(&config, &tls, generation, Some(&old));
         let retired = table::carry_over(&old, &mut new);
         new.start();
         let new = Arc::new(new);
@@ -231,6 +255,27 @@ impl Reloader {
             "configuration reloaded"
         );
         Outcome::Applied { generation }
+    }
+
+    /// Adds the directories of the config's TLS files to the watch (the
+    /// directory, not the file: Secret volumes swap files like ConfigMaps).
+    fn watch_tls_dirs(&mut self, config: &Config) {
+        let Some(watcher) = &mut self.watcher else {
+            return;
+        };
+        for file in tls::files(config) {
+            let Some(dir) = file.parent().map(Path::to_path_buf) else {
+                continue;
+            };
+            if dir.as_os_str().is_empty() || self.watched.contains(&dir) || dir == self.dir {
+                continue;
+            }
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => self.watched.push(dir),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e,
+                    "cannot watch a TLS directory; rotations there are seen by polling and SIGHUP"),
+            }
+        }
     }
 
     fn reject(&mut self, trigger: &'static str, error: String) -> Outcome {
@@ -288,6 +333,20 @@ fn watch_dir(dir: &Path, events: mpsc::Sender<()>) -> Option<notify::Recommended
         return None;
     }
     Some(watcher)
+}
+
+/// `hash` extended with the content of every TLS file the config names.
+fn hash_with_tls(hash: u64, config: &Config) -> u64 {
+    let mut h = DefaultHasher::new();
+    hash.hash(&mut h);
+    for path in tls::files(config) {
+        path.hash(&mut h);
+        match std::fs::read(&path) {
+            Ok(bytes) => bytes.hash(&mut h),
+            Err(e) => e.to_string().hash(&mut h),
+        }
+    }
+    h.finish()
 }
 
 /// A hash of file names and contents (or read errors), in order.

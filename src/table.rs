@@ -20,6 +20,7 @@ use crate::config::{
     SplitConfig,
 };
 use crate::metrics;
+use crate::tls::TlsClient;
 use crate::upstream::{Cluster, ClusterSpec};
 
 /// One generation of the whole configuration, ready to serve.
@@ -88,7 +89,12 @@ pub mod http;
 /// rejected by `Config::load`. A cluster whose spec equals one in `previous`
 /// is taken over as is, so its endpoint health, DNS answers and background
 /// tasks carry on across the reload.
-pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>) -> RoutingTable {
+pub fn compile(
+    config: &Config,
+    tls: &HashMap<String, Arc<TlsClient>>,
+    generation: u64,
+    previous: Option<&RoutingTable>,
+) -> RoutingTable {
     let m = metrics::get();
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
@@ -102,6 +108,7 @@ pub fn compile(config: &Config, generation: u64, previous: Option<&RoutingTable>
                 health: c.health.as_ref().map(|h| h.value.clone()),
                 resolver: config.resolver.clone(),
                 http2: c.http2,
+                tls: tls.get(&c.name.value).cloned(),
             };
             let kept = previous
                 .and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value))

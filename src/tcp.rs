@@ -12,6 +12,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::upstream::UpstreamStream;
+
 /// Per-direction buffer. Larger buffers buy little on loopback past this point
 /// and every open connection pays for two.
 const BUF_SIZE: usize = 32 * 1024;
@@ -28,16 +30,29 @@ pub struct Transferred {
 /// Forwards between `client` and `upstream` until both directions reach EOF.
 pub async fn forward(
     client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     up_bytes: &IntCounter,
     down_bytes: &IntCounter,
 ) -> io::Result<Transferred> {
     let (mut client_r, mut client_w) = client.split();
-    let (mut upstream_r, mut upstream_w) = upstream.split();
-    let (upstream, downstream) = tokio::try_join!(
-        pipe(&mut client_r, &mut upstream_w, up_bytes),
-        pipe(&mut upstream_r, &mut client_w, down_bytes),
-    )?;
+    let (upstream, downstream) = match upstream {
+        UpstreamStream::Plain(upstream) => {
+            let (mut upstream_r, mut upstream_w) = upstream.split();
+            tokio::try_join!(
+                pipe(&mut client_r, &mut upstream_w, up_bytes),
+                pipe(&mut upstream_r, &mut client_w, down_bytes),
+            )?
+        }
+        UpstreamStream::Tls(tls) => {
+            // A TLS stream is one state machine for both directions: split it
+            // with tokio's lock-based halves.
+            let (mut upstream_r, mut upstream_w) = tokio::io::split(tls.as_mut());
+            tokio::try_join!(
+                pipe(&mut client_r, &mut upstream_w, up_bytes),
+                pipe(&mut upstream_r, &mut client_w, down_bytes),
+            )?
+        }
+    };
     Ok(Transferred {
         upstream,
         downstream,

@@ -8,7 +8,7 @@ use crate::config::Config;
 fn table(yaml: &str, generation: u64) -> RoutingTable {
     let config = Config::from_sources([(PathBuf::from("t.yaml"), Ok(yaml.to_string()))])
         .unwrap_or_else(|e| panic!("{e}"));
-    compile(&config, generation, None)
+    compile(&config, &Default::default(), generation, None)
 }
 
 const CLUSTERS: &str = r#"

@@ -104,6 +104,10 @@ impl Dns {
 pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
     // The last good answer per name; kept when a refresh fails.
     let mut answers: Vec<Option<Vec<SocketAddr>>> = vec![None; names.len()];
+    let hosts: Vec<std::sync::Arc<str>> = names
+        .iter()
+        .map(|(h, _)| std::sync::Arc::from(h.as_str()))
+        .collect();
     let mut failures: u32 = 0;
     loop {
         let Some(c) = alive(&cluster) else { return };
@@ -130,7 +134,12 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
                 }
             }
         }
-        let resolved: Vec<SocketAddr> = answers.iter().flatten().flatten().copied().collect();
+        let resolved: Vec<(SocketAddr, std::sync::Arc<str>)> = answers
+            .iter()
+            .zip(&hosts)
+            .filter_map(|(a, h)| a.as_ref().map(|a| (a, h)))
+            .flat_map(|(addrs, h)| addrs.iter().map(move |a| (*a, h.clone())))
+            .collect();
         c.set_resolved(&resolved);
         drop(c);
         if failed {

@@ -14,15 +14,14 @@ use std::sync::Arc;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
 use super::pool::{ProxyBody, Sender};
-use super::{ActiveGuard, Cluster, Endpoint, lb};
+use super::{ActiveGuard, Cluster, Endpoint, UpstreamStream, lb};
 use crate::metrics;
 
 /// A connected upstream and where it went.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     pub cluster: Arc<Cluster>,
     pub endpoint: Arc<Endpoint>,
     /// Counts this connection on the endpoint until dropped.
@@ -86,13 +85,13 @@ pub async fn connect_http(
 ) -> Result<HttpConn, ConnectError> {
     let mut walk = Walk::new(primary, failover, client);
     while let Some((cluster, endpoint)) = walk.next().await {
-        let http2 = cluster.spec.http2;
         if !fresh {
-            let pooled = if http2 {
-                endpoint.pool.h2().map(Sender::H2)
-            } else {
-                endpoint.pool.checkout_h1().map(Sender::H1)
-            };
+            // An h2 connection exists when the cluster says http2 or ALPN chose it.
+            let pooled = endpoint
+                .pool
+                .h2()
+                .map(Sender::H2)
+                .or_else(|| endpoint.pool.checkout_h1().map(Sender::H1));
             if let Some(sender) = pooled {
                 walk.succeeded(cluster);
                 return Ok(HttpConn {
@@ -106,6 +105,7 @@ pub async fn connect_http(
         let Ok(stream) = cluster.try_connect(&endpoint).await else {
             continue;
         };
+        let http2 = cluster.spec.http2 || stream.alpn_h2();
         match handshake(stream, http2).await {
             Ok(sender) => {
                 if let Sender::H2(s) = &sender {
@@ -128,7 +128,7 @@ pub async fn connect_http(
 }
 
 /// Starts an HTTP/1.1 (with upgrades) or h2c client connection on `stream`.
-async fn handshake(stream: TcpStream, http2: bool) -> hyper::Result<Sender> {
+async fn handshake(stream: UpstreamStream, http2: bool) -> hyper::Result<Sender> {
     let io = TokioIo::new(stream);
     if http2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())

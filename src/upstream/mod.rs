@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{EndpointConfig, EndpointTarget, HealthConfig, LbPolicy, ResolverConfig};
 use crate::metrics::{self, ClusterMetrics};
+use crate::tls::TlsClient;
 
 pub mod dns;
 pub mod failover;
@@ -60,11 +61,15 @@ pub struct ClusterSpec {
     pub resolver: ResolverConfig,
     /// Speak h2c to the endpoints (HTTP clusters).
     pub http2: bool,
+    /// Originate TLS; equal when settings and file contents are equal.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 /// One backend address and its live state.
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The DNS name it was resolved from: the default TLS server name.
+    pub host: Option<Arc<str>>,
     /// `IP:PORT`: the `endpoint` label in metrics and logs.
     pub label: Arc<str>,
     health: health::Health,
@@ -83,11 +88,17 @@ pub struct ActiveGuard(Arc<Endpoint>);
 impl Cluster {
     pub fn new(name: Arc<str>, spec: ClusterSpec) -> Self {
         let metrics = metrics::get().cluster(&name);
+        if let Some(expiry) = spec.tls.as_ref().and_then(|t| t.cert_expiry) {
+            metrics::get()
+                .tls_cert_expiry
+                .with_label_values(&[&name])
+                .set(expiry as f64);
+        }
         let statics: Vec<Arc<Endpoint>> = spec
             .endpoints
             .iter()
             .filter_map(|e| match e.target {
-                EndpointTarget::Addr(addr) => Some(Arc::new(Endpoint::new(&name, addr))),
+                EndpointTarget::Addr(addr) => Some(Arc::new(Endpoint::new(&name, addr, None))),
                 EndpointTarget::Name { .. } => None,
             })
             .collect();
@@ -166,7 +177,7 @@ impl Cluster {
 
     /// Replaces the resolved part of the endpoint set with `resolved` (static
     /// addresses always stay). Endpoints present before keep their state.
-    pub(crate) fn set_resolved(&self, resolved: &[SocketAddr]) {
+    pub(crate) fn set_resolved(&self, resolved: &[(SocketAddr, Arc<str>)]) {
         let old = self.endpoints.load_full();
         let mut addrs: Vec<SocketAddr> = self
             .spec
@@ -177,7 +188,7 @@ impl Cluster {
                 EndpointTarget::Name { .. } => None,
             })
             .collect();
-        for a in resolved {
+        for (a, _) in resolved {
             if !addrs.contains(a) {
                 addrs.push(*a);
             }
@@ -188,7 +199,13 @@ impl Cluster {
                 .iter()
                 .map(|a| match old.iter().find(|e| e.addr == *a) {
                     Some(e) => e.clone(),
-                    None => Arc::new(Endpoint::new(&self.name, *a)),
+                    None => {
+                        let host = resolved
+                            .iter()
+                            .find(|(r, _)| r == a)
+                            .map(|(_, h)| h.clone());
+                        Arc::new(Endpoint::new(&self.name, *a, host))
+                    }
                 })
                 .collect();
             for gone in old.iter().filter(|e| !addrs.contains(&e.addr)) {
@@ -214,47 +231,139 @@ impl Cluster {
         }
     }
 
-    /// One connect attempt to `endpoint`, counted and fed to passive health.
-    async fn try_connect(&self, endpoint: &Arc<Endpoint>) -> io::Result<TcpStream> {
+    /// One connect attempt to `endpoint` (TCP, then TLS when the cluster
+    /// originates it), counted and fed to passive health.
+    async fn try_connect(&self, endpoint: &Arc<Endpoint>) -> io::Result<UpstreamStream> {
         let began = Instant::now();
-        let attempt =
-            tokio::time::timeout(self.spec.connect_timeout, TcpStream::connect(endpoint.addr));
-        let result = match attempt.await {
+        let attempt = async {
+            let tcp = TcpStream::connect(endpoint.addr)
+                .await
+                .map_err(Failure::Connect)?;
+            // Small writes (protocol handshakes, queries) must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+            match &self.spec.tls {
+                None => Ok(UpstreamStream::Plain(tcp)),
+                Some(tls) => tls
+                    .handshake(tcp, endpoint.host.as_deref(), endpoint.addr.ip())
+                    .await
+                    .map(|s| UpstreamStream::Tls(Box::new(s)))
+                    .map_err(Failure::Tls),
+            }
+        };
+        let result = match tokio::time::timeout(self.spec.connect_timeout, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(
+            Err(_) => Err(Failure::Connect(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.spec.connect_timeout),
-            )),
+            ))),
         };
-        match &result {
+        match result {
             Ok(stream) => {
                 self.metrics.connect_ok.inc();
                 self.metrics
                     .connect_seconds
                     .observe(began.elapsed().as_secs_f64());
                 endpoint.connect_succeeded();
-                // Small writes (protocol handshakes, queries) must not wait for Nagle.
-                let _ = stream.set_nodelay(true);
+                Ok(stream)
             }
-            Err(e) => {
-                match e.kind() {
-                    io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
-                    io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
-                    _ => self.metrics.connect_error.inc(),
-                }
+            Err(failure) => {
+                let e = match failure {
+                    Failure::Connect(e) => {
+                        match e.kind() {
+                            io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
+                            io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
+                            _ => self.metrics.connect_error.inc(),
+                        }
+                        e
+                    }
+                    Failure::Tls(e) => {
+                        self.metrics.connect_tls_error.inc();
+                        tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
+                            "TLS handshake with upstream failed");
+                        e
+                    }
+                };
                 let ejected_for = endpoint.connect_failed();
                 tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
                     ejected_for = ?ejected_for, "upstream connect failed");
+                Err(e)
             }
         }
-        result
+    }
+}
+
+/// Where a connect attempt failed.
+enum Failure {
+    Connect(io::Error),
+    Tls(io::Error),
+}
+
+/// A connection to an upstream: plain TCP, or TLS over it.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// Whether TLS negotiated HTTP/2 through ALPN.
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(_) => false,
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
 // === impl Endpoint ===
 
 impl Endpoint {
-    fn new(cluster: &str, addr: SocketAddr) -> Self {
+    fn new(cluster: &str, addr: SocketAddr, host: Option<Arc<str>>) -> Self {
         let label: Arc<str> = Arc::from(addr.to_string());
         let healthy_gauge = metrics::get()
             .endpoint_healthy
@@ -262,6 +371,7 @@ impl Endpoint {
         healthy_gauge.set(1);
         Endpoint {
             addr,
+            host,
             label,
             health: health::Health::default(),
             active: AtomicUsize::new(0),
