@@ -327,3 +327,38 @@ fn routes_need_protocol_http() {
         "{err}"
     );
 }
+
+#[test]
+fn tls_errors_name_the_cluster_and_file() {
+    let err = rejected(&[
+        (
+            "a.yaml",
+            "clusters:\n  - name: a\n    endpoints: [ \"127.0.0.1:1\" ]\n    tls: { cert: /x.crt }\n",
+        ),
+        (
+            "b.yaml",
+            "clusters:\n  - name: b\n    endpoints: [ \"127.0.0.1:1\" ]\n    tls: { min_version: \"1.1\" }\n",
+        ),
+    ]);
+    assert!(
+        err.contains("a.yaml:4:10:") && err.contains(r#""cert" and "key" go together"#),
+        "{err}"
+    );
+    assert!(
+        err.contains("an IP endpoint has no name to verify"),
+        "{err}"
+    );
+    assert!(
+        err.contains("b.yaml:4:") && err.contains("unknown variant `1.1`"),
+        "{err}"
+    );
+
+    let err = rejected(&[(
+        "routes.yaml",
+        "clusters:\n  - name: db\n    endpoints: [ \"db.internal:5432\" ]\n    tls: { ca: /nonexistent/ca.pem }\n",
+    )]);
+    assert!(
+        err.contains(r#"routes.yaml:4:10: cluster "db": tls: /nonexistent/ca.pem: cannot read"#),
+        "{err}"
+    );
+}

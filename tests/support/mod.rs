@@ -11,6 +11,8 @@ pub mod configmap;
 pub mod dns;
 pub mod http;
 pub mod nginx;
+pub mod pki;
+pub mod tls_server;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
