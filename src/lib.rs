@@ -11,6 +11,8 @@
 //! Around them: [`admin`] (probes, metrics, config), [`metrics`] (the families),
 //! [`shutdown`] (signals and the sidecar drain). [`run`] wires them together.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

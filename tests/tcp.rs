@@ -61,6 +61,46 @@ fn multi_mib_random_payload_round_trip() {
     });
 }
 
+/// The same round trip and both half-closes on the user-space copy path
+/// (`LEGATE_NO_SPLICE=1`), which TLS upstreams and non-Linux systems use; and
+/// the default run says it uses splice.
+#[test]
+fn copy_path_and_splice_path_agree() {
+    let echo = Backend::echo();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let banner = Backend::banner_then_read(b"banner", tx);
+    let config = format!(
+        "listeners:\n  - {{ name: app, listen: 127.0.0.1:0, cluster: echo }}\n  - {{ name: banner, listen: 127.0.0.1:0, cluster: banner }}\nclusters:\n  - {{ name: echo, endpoints: [ \"{}\" ] }}\n  - {{ name: banner, endpoints: [ \"{}\" ] }}\n",
+        echo.addr, banner.addr
+    );
+    for (env, path) in [(Some(("LEGATE_NO_SPLICE", "1")), "copy"), (None, "splice")] {
+        let legate = Legate::start_with_env(&config, env.as_slice());
+        let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
+        let mut client = connect(&legate);
+        let mut writer = client.try_clone().unwrap();
+        let to_send = payload.clone();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&to_send).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).unwrap();
+        sender.join().unwrap();
+        assert!(echoed == payload, "{path}: echo differs");
+
+        let mut b = TcpStream::connect(legate.addr("banner")).unwrap();
+        b.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut got = String::new();
+        b.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "banner", "{path}");
+        b.write_all(&[1u8; 100_000]).unwrap();
+        b.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(rx.recv_timeout(DEADLINE).unwrap(), 100_000, "{path}");
+        let uses_splice = legate.logs().iter().any(|l| l.contains("uses splice(2)"));
+        assert_eq!(uses_splice, path == "splice", "{path}");
+    }
+}
+
 /// 1. Client sends a request and half-closes (SHUT_WR).
 /// 2. The backend sees EOF, echoes what it got and half-closes.
 /// 3. The client still reads the whole answer after its own FIN.

@@ -127,6 +127,12 @@ async fn forward(
     let idempotent = is_idempotent(&parts.method);
     let mut body = Some(mirror(route, conn, &parts, body));
     let mut retries_left = route.retries;
+    // The request head is moved into the first attempt unless a later attempt
+    // may need it again; cloning a header map per request is measurable.
+    let keep_parts = route.retries > 0 && idempotent && replayable;
+    let mut parts = Some(parts);
+    // A request a stale pooled connection handed back unsent.
+    let mut pending: Option<Request<ProxyBody>> = None;
 
     loop {
         let connected =
@@ -157,12 +163,29 @@ async fn forward(
             }
         };
         let labels = (Some(cluster.name.clone()), Some(endpoint.label.clone()));
-        let this_body = match body.take() {
-            Some(b) => b,
-            // A retry of a request without a body.
-            None => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+        let request = match pending.take() {
+            Some(request) => request,
+            None => {
+                let this_body = match body.take() {
+                    Some(b) => b,
+                    // A retry of a request without a body.
+                    None => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+                };
+                let head = match (&parts, keep_parts) {
+                    (Some(p), true) => Some(p.clone()),
+                    _ => parts.take(),
+                };
+                let Some(head) = head else {
+                    // Unreachable: without `keep_parts` no path sends twice.
+                    return Answer {
+                        response: error(StatusCode::BAD_GATEWAY, "request cannot be repeated\n"),
+                        cluster: labels.0,
+                        endpoint: labels.1,
+                    };
+                };
+                upstream_request(head, this_body, matches!(sender, Sender::H2(_)))
+            }
         };
-        let request = upstream_request(&parts, this_body, &sender, cluster.spec().http2);
         let sent = send(sender, request, &endpoint).await;
         match sent {
             Outcome::Response(mut response) => {
@@ -196,7 +219,7 @@ async fn forward(
             Outcome::Unsent(request) => {
                 // A pooled connection that closed under us: the request never
                 // left, so it goes again on a fresh one without using a retry.
-                body = Some(request.into_body());
+                pending = Some(request);
                 if !reused {
                     return Answer {
                         response: error(
@@ -266,36 +289,34 @@ async fn send(
 /// The request as the upstream gets it: origin-form for HTTP/1.1, absolute
 /// (with the host as `:authority`) for HTTP/2.
 fn upstream_request(
-    parts: &http::request::Parts,
+    mut parts: http::request::Parts,
     body: ProxyBody,
-    sender: &Sender,
-    http2: bool,
+    h2: bool,
 ) -> Request<ProxyBody> {
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
-    match (sender, http2) {
-        (Sender::H2(_), _) | (_, true) => {
-            *req.version_mut() = Version::HTTP_2;
-            let authority = parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            *req.uri_mut() = format!("http://{authority}{path_and_query}")
-                .parse()
-                .unwrap_or_else(|_| Uri::from_static("/"));
-            req.headers_mut().remove(header::HOST);
-        }
-        _ => {
-            *req.version_mut() = Version::HTTP_11;
-            *req.uri_mut() = path_and_query
+    parts.extensions = http::Extensions::new();
+    if h2 {
+        parts.version = Version::HTTP_2;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        parts.uri = format!("http://{authority}{path_and_query}")
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        // HTTP/1.1 clients already send origin-form; HTTP/2 ones send absolute URIs.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            parts.uri = path_and_query
                 .parse()
                 .unwrap_or_else(|_| Uri::from_static("/"));
         }
     }
-    req
+    Request::from_parts(parts, body)
 }
 
 /// The app's body, teed to the route's mirror cluster for the chosen share of
@@ -331,7 +352,7 @@ fn mirror(
             let c = upstream::connect_http(&cluster, &[], client, false)
                 .await
                 .ok()?;
-            let req = upstream_request(&copy_parts, copy_body, &c.sender, c.cluster.spec().http2);
+            let req = upstream_request(copy_parts, copy_body, matches!(c.sender, Sender::H2(_)));
             match send(c.sender, req, &c.endpoint).await {
                 // Read the answer to the end so the connection can be reused.
                 Outcome::Response(resp) => resp.into_body().collect().await.ok().map(|_| ()),

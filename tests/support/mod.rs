@@ -48,6 +48,16 @@ impl Legate {
         legate
     }
 
+    /// Like [`start`], with extra environment variables.
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Legate {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("legate.yaml"), yaml).expect("write config");
+        let path = dir.path().to_path_buf();
+        let mut legate = Legate::spawn_full(&path, Some(dir), &[], env);
+        legate.wait_ready();
+        legate
+    }
+
     /// Spawns legate and waits only for its admin server, not for readiness.
     pub fn spawn(yaml: &str, args: &[&str]) -> Legate {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -69,7 +79,17 @@ impl Legate {
     }
 
     fn spawn_at(config: &Path, dir: Option<tempfile::TempDir>, args: &[&str]) -> Legate {
+        Legate::spawn_full(config, dir, args, &[])
+    }
+
+    fn spawn_full(
+        config: &Path,
+        dir: Option<tempfile::TempDir>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Legate {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
+        cmd.envs(env.iter().copied());
         // Tests want a prompt exit unless they are about the shutdown delay.
         if !args.contains(&"--shutdown-delay") {
             cmd.args(["--shutdown-delay", "0s"]);

@@ -1,5 +1,7 @@
 //! Layer-4 forwarding: bytes both ways between the app and the upstream until
-//! both sides are done, with half-close kept.
+//! both sides are done, with half-close kept. Plain TCP on Linux goes through
+//! [`splice`] (zero-copy); TLS upstreams, and kernels without splice, copy
+//! through a user-space buffer.
 //!
 //! When one side sends FIN, the other side's write half is shut down and the
 //! reverse direction keeps flowing, so clients that `shutdown(SHUT_WR)` and then
@@ -13,6 +15,31 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::upstream::UpstreamStream;
+
+#[cfg(target_os = "linux")]
+mod splice;
+
+/// Whether splice works here: probed once, on the first connection's socket
+/// (a zero-length splice moves nothing). `LEGATE_NO_SPLICE=1` turns it off,
+/// to compare the two paths.
+#[cfg(target_os = "linux")]
+static SPLICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+#[cfg(target_os = "linux")]
+fn splice_works(socket: &TcpStream) -> bool {
+    *SPLICE.get_or_init(|| {
+        if std::env::var_os("LEGATE_NO_SPLICE").is_some_and(|v| v == "1") {
+            return false;
+        }
+        let works = splice::supported(socket);
+        if works {
+            tracing::info!("TCP forwarding uses splice(2): zero-copy");
+        } else {
+            tracing::warn!("splice(2) unavailable: TCP forwarding copies through user space");
+        }
+        works
+    })
+}
 
 /// Per-direction buffer. Larger buffers buy little on loopback past this point
 /// and every open connection pays for two.
@@ -34,6 +61,20 @@ pub async fn forward(
     up_bytes: &IntCounter,
     down_bytes: &IntCounter,
 ) -> io::Result<Transferred> {
+    #[cfg(target_os = "linux")]
+    if let UpstreamStream::Plain(upstream) = upstream
+        && splice_works(client)
+    {
+        let (client, upstream) = (&*client, &*upstream);
+        let (up, down) = tokio::try_join!(
+            splice::pipe(client, upstream, up_bytes),
+            splice::pipe(upstream, client, down_bytes),
+        )?;
+        return Ok(Transferred {
+            upstream: up,
+            downstream: down,
+        });
+    }
     let (mut client_r, mut client_w) = client.split();
     let (upstream, downstream) = match upstream {
         UpstreamStream::Plain(upstream) => {
