@@ -29,8 +29,9 @@ LEGATE=${LEGATE_BIN:-target/release/legate}
 for t in nginx haproxy wrk iperf3 curl taskset; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
 
 W=$(mktemp -d)
-cleanup() { for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
+cleanup() { set +e; for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; [ "${KEEP_BENCH_DIR:-0}" = 1 ] && echo "kept $W" >&2 || rm -rf "$W"; }
 trap cleanup EXIT
+KEEP=${KEEP_BENCH_DIR:-0}
 H=127.0.0.1
 BACK=$H:31080 IPERF_PORT=31201
 # Per proxy: HTTP port, TCP-to-nginx port, TCP-to-iperf port.
@@ -44,8 +45,8 @@ ngx() { # dir, extra main-context lines, http body, stream body
   cat > $W/$1/nginx.conf <<CONF
 daemon off; master_process off; worker_processes 1; error_log $W/$1/error.log; pid $W/$1/nginx.pid;
 $2
-worker_rlimit_nofile 65536;
-events { worker_connections 16384; }
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
 http { access_log off; client_body_temp_path $W/$1; proxy_temp_path $W/$1; fastcgi_temp_path $W/$1; uwsgi_temp_path $W/$1; scgi_temp_path $W/$1;
   $3
 }
@@ -61,7 +62,7 @@ hap() { # name, extra defaults options, ports...
   cat > $W/$1.cfg <<CFG
 global
   nbthread 1
-  maxconn 20000
+  maxconn 4000
 defaults
   timeout connect 5s
   timeout client 60s
@@ -110,10 +111,10 @@ start() { # name, cpu, command...
   taskset -c $cpu "$@" > $W/$name.log 2>&1 & echo $! > $W/$name.pid
   PID[$name]=$!
 }
-ulimit -n 65536 2>/dev/null || true
+ulimit -n 20000 2>/dev/null || true
 start backend 0 nginx -p $W/backend -c $W/backend/nginx.conf
 start iperf 0 iperf3 -s -B $H -p $IPERF_PORT
-start legate 1 $LEGATE --config $W/legate --admin $H:0 --threads 1 --log warn
+start legate 1 $LEGATE --config $W/legate --admin $H:0 --threads 1 --log warn --shutdown-delay 0s
 start haproxy 1 haproxy -f $W/haproxy.cfg -db
 start haproxy_splice 1 haproxy -f $W/haproxy_splice.cfg -db
 start nginx 1 nginx -p $W/nginx -c $W/nginx/nginx.conf

@@ -21,6 +21,11 @@ use tokio::net::TcpStream;
 /// Bytes moved per `splice` call; the pipe is grown to hold it.
 const CHUNK: usize = 256 * 1024;
 
+/// Empty pipes kept for the next connection: creating and sizing a pipe
+/// pair costs three syscalls and closing it two, per direction per connection.
+static IDLE: std::sync::LazyLock<crossbeam_queue::ArrayQueue<Pipe>> =
+    std::sync::LazyLock::new(|| crossbeam_queue::ArrayQueue::new(1024));
+
 /// A pipe pair used as the in-kernel buffer of one direction.
 struct Pipe {
     read: OwnedFd,
@@ -28,6 +33,19 @@ struct Pipe {
 }
 
 impl Pipe {
+    /// A pipe from the idle pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        match IDLE.pop() {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Back to the pool; only called with nothing left in the pipe.
+    fn give_back(self) {
+        let _ = IDLE.push(self);
+    }
+
     fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid, writable array of two ints, as pipe2 requires.
@@ -79,7 +97,9 @@ pub fn supported(socket: &TcpStream) -> bool {
 /// Moves bytes from `from` to `to` until EOF, then shuts down `to`'s write
 /// side (FIN), keeping half-close exactly as the copying path does.
 pub async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Result<u64> {
-    let pipe = Pipe::new()?;
+    // On error or cancellation the pipe may hold bytes: it is dropped (closed),
+    // never pooled.
+    let pipe = Pipe::take()?;
     let mut total = 0u64;
     loop {
         from.readable().await?;
@@ -88,6 +108,8 @@ pub async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io:
         });
         let mut pending = match filled {
             Ok(0) => {
+                // EOF with the pipe drained: it is clean and can serve again.
+                pipe.give_back();
                 match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
                     // The peer is already fully gone: nothing left to tell it.
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
