@@ -521,8 +521,40 @@ fn key_at_line(text: &str, line: u64) -> Option<&str> {
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` with values from `env`; `$${` is a literal `${`.
-/// An unset variable without default is an error at its position.
+/// An unset variable without default is an error at its position. Comments
+/// are left as written: documenting `${ENV}` in a comment must not require it.
 fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String, Diagnostic> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let (code, comment) = line.split_at(comment_start(line));
+        out.push_str(&interpolate_text(code, &env, (i as u64 + 1, 1))?);
+        out.push_str(comment);
+    }
+    Ok(out)
+}
+
+/// Byte index where a YAML comment starts on `line` (its length if none): a
+/// `#` at the start or after whitespace, outside quotes.
+fn comment_start(line: &str) -> usize {
+    let (mut single, mut double, mut prev_space) = (false, false, true);
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            '#' if !single && !double && prev_space => return i,
+            _ => {}
+        }
+        prev_space = c.is_whitespace();
+    }
+    line.len()
+}
+
+/// Interpolates one piece of a line; `base` is its (line, column) for errors.
+fn interpolate_text(
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+    base: (u64, u64),
+) -> Result<String, Diagnostic> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
@@ -539,7 +571,7 @@ fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Strin
             continue;
         }
         let offset = text.len() - tail.len();
-        let (line, column) = line_column(text, offset);
+        let (line, column) = (base.0, base.1 + text[..offset].chars().count() as u64);
         let Some(end) = tail.find('}') else {
             return Err(Diagnostic::new(
                 Path::new(""),
@@ -583,15 +615,6 @@ fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Strin
     }
     out.push_str(rest);
     Ok(out)
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (u64, u64) {
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before[line_start..].chars().count() + 1;
-    (line as u64, column as u64)
 }
 
 /// Merges the files and runs every cross-file check, pushing what is wrong.

@@ -20,6 +20,9 @@ fn interpolation_cases() {
         ("${EMPTY}", ""),
         ("$${A}", "${A}"),
         ("héllo ${A} wörld", "héllo alpha wörld"),
+        ("a: ${A} # uses ${UNSET}\n", "a: alpha # uses ${UNSET}\n"),
+        ("# ${UNSET}\nb: \"#${A}\"\n", "# ${UNSET}\nb: \"#alpha\"\n"),
+        ("c: x#${A}\n", "c: x#alpha\n"),
     ];
     let env = env(&[("A", "alpha"), ("B", "beta"), ("EMPTY", "")]);
     for (input, want) in cases {
