@@ -21,7 +21,7 @@ cat > "$WORK/nginx/nginx.conf" <<CONF
 daemon off; master_process off; worker_processes 1; error_log $WORK/nginx/error.log; pid $WORK/nginx/nginx.pid;
 events {}
 http { access_log off; client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
-  server { listen 127.0.0.1:$TLS_PORT ssl; ssl_certificate $WORK/srv.crt; ssl_certificate_key $WORK/srv.key;
+  server { listen 127.0.0.1:$TLS_PORT ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $WORK/srv.crt; ssl_certificate_key $WORK/srv.key;
            location / { return 200 "hello from the TLS-only backend (\$ssl_protocol)\n"; } } }
 CONF
 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)

@@ -19,7 +19,7 @@ pg_start() { # name port
   runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/$1/data" -U postgres -A trust --no-sync >/dev/null
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/$1/data" -l "$WORK/$1/log" -w -t 30 start \
     -o "-c listen_addresses=127.0.0.1 -p $2 -k $WORK/$1 -c fsync=off -c max_connections=200" >/dev/null
-  CLEANUP_EXTRA="${CLEANUP_EXTRA:-}; runuser -u postgres -- $PGBIN/pg_ctl -D $WORK/$1/data -m immediate -w stop >/dev/null 2>&1"
+  CLEANUP_EXTRA="${CLEANUP_EXTRA:-true}; runuser -u postgres -- $PGBIN/pg_ctl -D $WORK/$1/data -m immediate -w stop >/dev/null 2>&1"
   psql -h 127.0.0.1 -p "$2" -U postgres -qc "create table orders (id serial primary key, at timestamptz default now(), note text)"
 }
 say "two PostgreSQL clusters: old on :$OLD, new on :$NEW"
