@@ -214,6 +214,9 @@ async fn serve(
             }
         });
     }
+    // Close the socket before saying so: anyone who reads the log line and
+    // connects must be refused, not queued in a backlog nobody accepts.
+    drop(socket);
     tracing::info!(listener = %name, "listener closed");
 }
 
