@@ -154,9 +154,19 @@ struct Walk<'a> {
     client: SocketAddr,
     /// Index of the cluster being tried: 0 the primary, then the failovers.
     index: usize,
-    /// The current cluster's endpoints not tried yet; `None` before it was entered.
-    candidates: Option<Vec<Arc<Endpoint>>>,
+    /// What is left to try in the current cluster.
+    candidates: Candidates,
     attempts: usize,
+}
+
+/// A cluster's endpoints still to try, per stage of the walk.
+enum Candidates {
+    /// The cluster was not looked at yet.
+    Unentered,
+    /// One endpoint was picked from the full set (all were available).
+    FirstPicked(Arc<Endpoint>),
+    /// The available endpoints not tried yet.
+    Left(Vec<Arc<Endpoint>>),
 }
 
 impl<'a> Walk<'a> {
@@ -166,7 +176,7 @@ impl<'a> Walk<'a> {
             failover,
             client,
             index: 0,
-            candidates: None,
+            candidates: Candidates::Unentered,
             attempts: 0,
         }
     }
@@ -182,28 +192,40 @@ impl<'a> Walk<'a> {
     async fn next(&mut self) -> Option<(&'a Arc<Cluster>, Arc<Endpoint>)> {
         loop {
             let cluster = self.cluster(self.index)?;
-            let candidates = match &mut self.candidates {
-                Some(c) => c,
-                None => {
+            match &mut self.candidates {
+                Candidates::Unentered => {
                     cluster.wait_resolved().await;
-                    self.candidates.insert(cluster.available())
+                    // The common case, every endpoint available: pick from the
+                    // live set without building a candidate list.
+                    let all = cluster.endpoints.load();
+                    if !all.is_empty() && all.iter().all(|e| e.is_available()) {
+                        let pick =
+                            lb::pick(cluster.spec.lb, &all, &cluster.cursor, self.client.ip());
+                        let endpoint = all[pick].clone();
+                        self.candidates = Candidates::FirstPicked(endpoint.clone());
+                        self.attempts += 1;
+                        return Some((cluster, endpoint));
+                    }
+                    self.candidates = Candidates::Left(cluster.available());
                 }
-            };
-            if !candidates.is_empty() {
-                let pick = lb::pick(
-                    cluster.spec.lb,
-                    candidates,
-                    &cluster.cursor,
-                    self.client.ip(),
-                );
-                self.attempts += 1;
-                return Some((cluster, candidates.swap_remove(pick)));
+                Candidates::FirstPicked(tried) => {
+                    let mut left = cluster.available();
+                    left.retain(|e| !Arc::ptr_eq(e, tried));
+                    self.candidates = Candidates::Left(left);
+                }
+                Candidates::Left(left) if !left.is_empty() => {
+                    let pick = lb::pick(cluster.spec.lb, left, &cluster.cursor, self.client.ip());
+                    self.attempts += 1;
+                    return Some((cluster, left.swap_remove(pick)));
+                }
+                Candidates::Left(_) => {
+                    if self.index < self.failover.len() {
+                        tracing::debug!(cluster = %cluster.name, "no available endpoint, trying the next failover cluster");
+                    }
+                    self.index += 1;
+                    self.candidates = Candidates::Unentered;
+                }
             }
-            if self.index < self.failover.len() {
-                tracing::debug!(cluster = %cluster.name, "no available endpoint, trying the next failover cluster");
-            }
-            self.index += 1;
-            self.candidates = None;
         }
     }
 

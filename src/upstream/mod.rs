@@ -41,6 +41,8 @@ pub struct Cluster {
     /// True once every name has been resolved at least once (at once when
     /// there are no names), so first connections wait for DNS instead of failing.
     resolved: watch::Sender<bool>,
+    /// The same as a flag, for the per-connection check without the watch's lock.
+    resolved_once: AtomicBool,
     /// Round-robin cursor; wraps, only its value modulo the candidates matters.
     cursor: AtomicUsize,
     /// Set when the background tasks (DNS, health probes) have been started.
@@ -111,6 +113,7 @@ impl Cluster {
             spec,
             endpoints: ArcSwap::from_pointee(statics),
             resolved: watch::Sender::new(!has_names),
+            resolved_once: AtomicBool::new(!has_names),
             cursor: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             metrics,
@@ -144,7 +147,7 @@ impl Cluster {
                 }
                 Err(e) => {
                     tracing::error!(cluster = %self.name, error = %e, "cannot create the DNS resolver; names in this cluster stay unresolved");
-                    self.resolved.send_replace(true);
+                    self.mark_resolved();
                 }
             }
         }
@@ -220,11 +223,19 @@ impl Cluster {
             );
             self.endpoints.store(Arc::new(next));
         }
+        self.mark_resolved();
+    }
+
+    fn mark_resolved(&self) {
+        self.resolved_once.store(true, Ordering::Release);
         self.resolved.send_replace(true);
     }
 
     /// Waits (up to the connect timeout) for the first DNS answers.
     async fn wait_resolved(&self) {
+        if self.resolved_once.load(Ordering::Acquire) {
+            return;
+        }
         let mut rx = self.resolved.subscribe();
         if !*rx.borrow() {
             let _ = tokio::time::timeout(self.spec.connect_timeout, rx.wait_for(|r| *r)).await;
