@@ -1,0 +1,541 @@
+//! The checks that need the whole directory: unique names and listen
+//! addresses across files, known cluster references, and the shape of each
+//! listener, route and cluster. Every problem becomes a located `Diagnostic`.
+
+use super::*;
+
+/// Merges the files and runs every cross-file check, pushing what is wrong.
+pub(super) fn merge(
+    files: Vec<(PathBuf, FileConfig)>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Config {
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    let mut listener_files = Vec::new();
+    let mut cluster_files = Vec::new();
+    let mut resolver: Option<(PathBuf, Spanned<ResolverConfig>)> = None;
+    for (path, file) in files {
+        if let Some(r) = file.resolver {
+            match &resolver {
+                Some((first, at)) => diagnostics.push(Diagnostic::new(
+                    &path,
+                    r.referenced.line(),
+                    r.referenced.column(),
+                    format!(
+                        "duplicate \"resolver\" section (first defined at {}:{})",
+                        first.display(),
+                        at.referenced.line()
+                    ),
+                )),
+                None => resolver = Some((path.clone(), r)),
+            }
+        }
+        for l in file.listeners {
+            listener_files.push(path.clone());
+            listeners.push(l);
+        }
+        for c in file.clusters {
+            cluster_files.push(path.clone());
+            clusters.push(c);
+        }
+    }
+
+    let mut at = |file: &Path, loc: &Location, message: String| {
+        diagnostics.push(Diagnostic::new(file, loc.line(), loc.column(), message));
+    };
+
+    let mut cluster_names: HashMap<&str, (&Path, &Location)> = HashMap::new();
+    for (c, file) in clusters.iter().zip(&cluster_files) {
+        let name = c.name.value.as_str();
+        if let Err(why) = check_name(name) {
+            at(file, &c.name.referenced, format!("field \"name\": {why}"));
+        }
+        if let Some((first_file, first)) = cluster_names.get(name) {
+            at(
+                file,
+                &c.name.referenced,
+                format!(
+                    "field \"name\": duplicate cluster name \"{name}\" (first defined at {}:{})",
+                    first_file.display(),
+                    first.line()
+                ),
+            );
+        } else {
+            cluster_names.insert(name, (file, &c.name.referenced));
+        }
+        if c.endpoints.value.is_empty() {
+            at(
+                file,
+                &c.endpoints.referenced,
+                format!("field \"endpoints\": cluster \"{name}\" needs at least one endpoint"),
+            );
+        }
+        if let Some(h) = &c.health {
+            let loc = &h.referenced;
+            let h = &h.value;
+            if h.unhealthy == 0 || h.healthy == 0 {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": unhealthy and healthy thresholds must be at least 1"
+                        .to_string(),
+                );
+            }
+            if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": interval and timeout must be above 0".to_string(),
+                );
+            } else if h.timeout.0 > h.interval.0 {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": timeout must not exceed interval".to_string(),
+                );
+            }
+            if h.http_path
+                .as_ref()
+                .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
+            {
+                at(
+                    file,
+                    loc,
+                    "field \"http_path\": must start with '/' and contain no spaces".to_string(),
+                );
+            }
+        }
+    }
+    for (c, file) in clusters.iter().zip(&cluster_files) {
+        if let Some(tls) = &c.tls {
+            let (t, loc) = (&tls.value, &tls.referenced);
+            if t.cert.is_some() != t.key.is_some() {
+                at(
+                    file,
+                    loc,
+                    "field \"tls\": \"cert\" and \"key\" go together (mTLS needs both)".to_string(),
+                );
+            }
+            let has_ip_endpoint = c
+                .endpoints
+                .value
+                .iter()
+                .any(|e| matches!(e.value.target, EndpointTarget::Addr(_)));
+            if t.verify && t.sni.is_none() && has_ip_endpoint {
+                at(file, loc, "field \"tls\": an IP endpoint has no name to verify: set \"sni\" (or verify: false)".to_string());
+            }
+            if let Some(sni) = &t.sni
+                && rustls_pki_types::ServerName::try_from(sni.as_str()).is_err()
+            {
+                at(
+                    file,
+                    loc,
+                    format!("field \"sni\": invalid server name \"{sni}\""),
+                );
+            }
+            if t.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+                at(
+                    file,
+                    loc,
+                    "field \"alpn\": protocols must be 1 to 255 bytes".to_string(),
+                );
+            }
+        }
+        let mut seen = HashSet::new();
+        for f in &c.failover {
+            if f.value == c.name.value {
+                at(
+                    file,
+                    &f.referenced,
+                    format!(
+                        "field \"failover\": cluster \"{}\" cannot fail over to itself",
+                        f.value
+                    ),
+                );
+            } else if !cluster_names.contains_key(f.value.as_str()) {
+                at(
+                    file,
+                    &f.referenced,
+                    unknown_cluster(&f.value, &cluster_names).replacen(
+                        "field \"cluster\"",
+                        "field \"failover\"",
+                        1,
+                    ),
+                );
+            } else if !seen.insert(f.value.as_str()) {
+                at(
+                    file,
+                    &f.referenced,
+                    format!(
+                        "field \"failover\": cluster \"{}\" is listed twice",
+                        f.value
+                    ),
+                );
+            }
+        }
+    }
+    if let Some((file, r)) = &resolver
+        && r.value.min_ttl.0 > r.value.max_ttl.0
+    {
+        at(
+            file,
+            &r.referenced,
+            "field \"resolver\": min_ttl must not exceed max_ttl".to_string(),
+        );
+    }
+
+    let mut listener_names: HashMap<&str, (&Path, &Location)> = HashMap::new();
+    let mut listen_addrs: HashMap<SocketAddr, (&Path, &Location)> = HashMap::new();
+    for (l, file) in listeners.iter().zip(&listener_files) {
+        let name = l.name.value.as_str();
+        if let Err(why) = check_name(name) {
+            at(file, &l.name.referenced, format!("field \"name\": {why}"));
+        }
+        if let Some((first_file, first)) = listener_names.get(name) {
+            at(
+                file,
+                &l.name.referenced,
+                format!(
+                    "field \"name\": duplicate listener name \"{name}\" (first defined at {}:{})",
+                    first_file.display(),
+                    first.line()
+                ),
+            );
+        } else {
+            listener_names.insert(name, (file, &l.name.referenced));
+        }
+        let addr = l.listen.value.0;
+        if addr.port() != 0 {
+            if let Some((first_file, first)) = listen_addrs.get(&addr) {
+                at(
+                    file,
+                    &l.listen.referenced,
+                    format!(
+                        "field \"listen\": address {addr} is already used by another listener (at {}:{})",
+                        first_file.display(),
+                        first.line()
+                    ),
+                );
+            } else {
+                listen_addrs.insert(addr, (file, &l.listen.referenced));
+            }
+        }
+        let is_http = l.protocol == Protocol::Http;
+        match (&l.routes, is_http) {
+            (Some(routes), true) => {
+                if l.cluster.is_some() || l.split.is_some() {
+                    at(
+                        file,
+                        &routes.referenced,
+                        format!(
+                            "listener \"{name}\": give either \"routes\" or a listener-level \"cluster\"/\"split\", not both"
+                        ),
+                    );
+                }
+                if routes.value.is_empty() {
+                    at(
+                        file,
+                        &routes.referenced,
+                        "field \"routes\": needs at least one route".to_string(),
+                    );
+                }
+                let mut route_names = HashSet::new();
+                for (i, spanned) in routes.value.iter().enumerate() {
+                    let (r, route_at) = (&spanned.value, &spanned.referenced);
+                    let what = format!(
+                        "route {}",
+                        r.name
+                            .as_ref()
+                            .map_or_else(|| i.to_string(), |n| format!("\"{}\"", n.value))
+                    );
+                    if let Some(n) = &r.name {
+                        if let Err(why) = check_name(&n.value) {
+                            at(file, &n.referenced, format!("field \"name\": {why}"));
+                        } else if !route_names.insert(n.value.as_str()) {
+                            at(
+                                file,
+                                &n.referenced,
+                                format!(
+                                    "field \"name\": duplicate route name \"{}\" in listener \"{name}\"",
+                                    n.value
+                                ),
+                            );
+                        }
+                    }
+                    check_target(
+                        &mut at,
+                        file,
+                        &what,
+                        &r.cluster,
+                        &r.split,
+                        route_at,
+                        &cluster_names,
+                    );
+                    check_route(&mut at, file, r, route_at, &cluster_names);
+                }
+            }
+            (Some(routes), false) => at(
+                file,
+                &routes.referenced,
+                format!("listener \"{name}\": \"routes\" need protocol: http"),
+            ),
+            (None, _) => {
+                let what = format!("listener \"{name}\"");
+                check_target(
+                    &mut at,
+                    file,
+                    &what,
+                    &l.cluster,
+                    &l.split,
+                    &l.name.referenced,
+                    &cluster_names,
+                );
+            }
+        }
+        if l.access_log && !is_http {
+            at(
+                file,
+                &l.name.referenced,
+                format!("listener \"{name}\": access_log is for protocol: http"),
+            );
+        }
+    }
+
+    Config {
+        resolver: resolver.map(|(_, r)| r.value).unwrap_or_default(),
+        listeners,
+        clusters,
+        cluster_files,
+    }
+}
+
+pub(super) fn unknown_cluster(name: &str, known: &HashMap<&str, (&Path, &Location)>) -> String {
+    let mut names: Vec<&str> = known.keys().copied().collect();
+    names.sort_unstable();
+    format!(
+        "field \"cluster\": unknown cluster \"{name}\" (defined clusters: {})",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
+/// Exactly one of `cluster` and `split`, each naming known clusters.
+pub(super) fn check_target(
+    at: &mut impl FnMut(&Path, &Location, String),
+    file: &Path,
+    what: &str,
+    cluster: &Option<Spanned<String>>,
+    split: &Option<Spanned<Vec<SplitConfig>>>,
+    owner: &Location,
+    cluster_names: &HashMap<&str, (&Path, &Location)>,
+) {
+    match (cluster, split) {
+        (Some(c), None) => {
+            if !cluster_names.contains_key(c.value.as_str()) {
+                at(
+                    file,
+                    &c.referenced,
+                    unknown_cluster(&c.value, cluster_names),
+                );
+            }
+        }
+        (None, Some(split)) => {
+            if split.value.is_empty() {
+                at(
+                    file,
+                    &split.referenced,
+                    "field \"split\": needs at least one { cluster, weight }".to_string(),
+                );
+            } else if split.value.iter().all(|s| s.weight == 0) {
+                at(
+                    file,
+                    &split.referenced,
+                    "field \"split\": at least one weight must be above 0".to_string(),
+                );
+            }
+            let mut seen = HashSet::new();
+            for s in &split.value {
+                if !cluster_names.contains_key(s.cluster.value.as_str()) {
+                    at(
+                        file,
+                        &s.cluster.referenced,
+                        unknown_cluster(&s.cluster.value, cluster_names),
+                    );
+                } else if !seen.insert(s.cluster.value.as_str()) {
+                    at(
+                        file,
+                        &s.cluster.referenced,
+                        format!(
+                            "field \"cluster\": cluster \"{}\" appears twice in this split",
+                            s.cluster.value
+                        ),
+                    );
+                }
+            }
+        }
+        (Some(_), Some(split)) => at(
+            file,
+            &split.referenced,
+            format!("{what}: set either \"cluster\" or \"split\", not both"),
+        ),
+        (None, None) => at(
+            file,
+            owner,
+            format!("{what}: missing field \"cluster\" (or \"split\")"),
+        ),
+    }
+}
+
+/// The HTTP-specific parts of a route: match, rewrite, headers, mirror, timeout.
+pub(super) fn check_route(
+    at: &mut impl FnMut(&Path, &Location, String),
+    file: &Path,
+    r: &RouteConfig,
+    loc: &Location,
+    cluster_names: &HashMap<&str, (&Path, &Location)>,
+) {
+    let m = &r.matches;
+    if let Some(host) = &m.host {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || bare.contains(['*', '/', ' ']) {
+            at(
+                file,
+                loc,
+                format!(
+                    "field \"host\": invalid host pattern \"{host}\": use an exact host or *.suffix"
+                ),
+            );
+        }
+    }
+    for (field, path) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+        if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            at(file, loc, format!("field \"{field}\": must start with '/'"));
+        }
+    }
+    if m.path.is_some() && m.path_prefix.is_some() {
+        at(
+            file,
+            loc,
+            "field \"match\": give \"path\" or \"path_prefix\", not both".to_string(),
+        );
+    }
+    if let Some(method) = &m.method
+        && http::Method::from_bytes(method.as_bytes()).is_err()
+    {
+        at(
+            file,
+            loc,
+            format!("field \"method\": invalid method \"{method}\""),
+        );
+    }
+    for name in m.headers.keys() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            at(
+                file,
+                loc,
+                format!("field \"headers\": invalid header name \"{name}\""),
+            );
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if rw.value.path_prefix.is_some() && m.path_prefix.is_none() {
+            at(
+                file,
+                &rw.referenced,
+                "field \"rewrite\": path_prefix needs match.path_prefix (the part it replaces)"
+                    .to_string(),
+            );
+        }
+        if rw
+            .value
+            .path_prefix
+            .as_ref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            at(
+                file,
+                &rw.referenced,
+                "field \"path_prefix\": must start with '/'".to_string(),
+            );
+        }
+        if rw
+            .value
+            .host
+            .as_ref()
+            .is_some_and(|h| http::HeaderValue::from_str(h).is_err() || h.is_empty())
+        {
+            at(
+                file,
+                &rw.referenced,
+                "field \"host\": invalid host".to_string(),
+            );
+        }
+    }
+    for ops in [&r.request_headers, &r.response_headers] {
+        for (name, value) in &ops.add {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || http::HeaderValue::from_str(value).is_err()
+            {
+                at(
+                    file,
+                    loc,
+                    format!("field \"add\": invalid header \"{name}: {value}\""),
+                );
+            }
+        }
+        for name in &ops.remove {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                at(
+                    file,
+                    loc,
+                    format!("field \"remove\": invalid header name \"{name}\""),
+                );
+            }
+        }
+    }
+    if r.timeout.is_some_and(|t| t.0.is_zero()) {
+        at(file, loc, "field \"timeout\": must be above 0".to_string());
+    }
+    if let Some(mirror) = &r.mirror {
+        if !cluster_names.contains_key(mirror.value.cluster.as_str()) {
+            at(
+                file,
+                &mirror.referenced,
+                unknown_cluster(&mirror.value.cluster, cluster_names).replacen(
+                    "field \"cluster\"",
+                    "field \"mirror\"",
+                    1,
+                ),
+            );
+        }
+        if !(0.0..=100.0).contains(&mirror.value.percent) {
+            at(
+                file,
+                &mirror.referenced,
+                "field \"percent\": must be between 0 and 100".to_string(),
+            );
+        }
+    }
+}
+
+/// Names become metric label values and log fields: keep them plain.
+pub(super) fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name must not be empty".to_string());
+    }
+    if name.len() > 128 {
+        return Err("name must be at most 128 characters".to_string());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "invalid name \"{name}\": use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
