@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 
 use super::Conn;
 use crate::table::ListenerKind;
+use crate::table::Route;
 use crate::table::http::HttpRoute;
 use crate::upstream::pool::{Checkin, ProxyBody, Sender};
 use crate::upstream::{self, ConnectError, HttpConn};
@@ -56,16 +57,13 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_string()));
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let answer = match tokio::time::timeout(
-        route.timeout,
-        forward(req, route, conn, client_upgrade),
-    )
-    .await
-    {
+    let target = route.target.pick();
+    let forwarded = forward(req, route, target, conn, client_upgrade);
+    let answer = match tokio::time::timeout(route.timeout, forwarded).await {
         Ok(answer) => answer,
         Err(_) => Answer {
             response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
-            cluster: None,
+            cluster: Some(target.cluster.name.clone()),
             endpoint: None,
         },
     };
@@ -77,10 +75,8 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
     route.response_headers.apply(response.headers_mut());
 
     let status = response.status().as_u16();
-    let cluster_label = cluster
-        .clone()
-        .unwrap_or_else(|| route.target.pick().cluster.name.clone());
-    route.count(&cluster_label, status, began.elapsed());
+    let cluster_label = cluster.as_deref().unwrap_or(&target.cluster.name);
+    route.count(cluster_label, status, began.elapsed());
     if let Some((method, path)) = logged {
         tracing::info!(
             target: "legate::access",
@@ -98,10 +94,10 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
 async fn forward(
     req: Request<Incoming>,
     route: &HttpRoute,
+    target: &Route,
     conn: &Conn,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Answer {
-    let target = route.target.pick();
     let (mut parts, body) = req.into_parts();
     let upgrade = client_upgrade.is_some();
     clean_request_headers(&mut parts.headers, upgrade);
