@@ -225,6 +225,11 @@ fn error_statuses_and_timeout() {
         "took {:?}",
         began.elapsed()
     );
+    wait_until("the 504 counted against its route's cluster", || {
+        legate.metric(
+            r#"legate_http_requests_total{cluster="slow",code="5xx",listener="web",route="0"}"#,
+        ) == 1.0
+    });
 }
 
 /// A malformed request gets 400.
