@@ -9,18 +9,7 @@ use support::backends::Backend;
 use support::{DEADLINE, Legate, wait_until};
 
 fn echo_config(echo: &Backend, listen: &str) -> String {
-    format!(
-        r#"
-listeners:
-  - name: app
-    listen: {listen}
-    cluster: backend
-clusters:
-  - name: backend
-    endpoints: [ "{}" ]
-"#,
-        echo.addr
-    )
+    support::tcp_config(listen, &[echo.addr.to_string()])
 }
 
 fn ping(addr: std::net::SocketAddr, msg: &str) -> String {

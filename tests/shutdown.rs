@@ -10,18 +10,7 @@ use support::backends::Backend;
 use support::{DEADLINE, Legate, wait_until};
 
 fn echo_config(echo: &Backend) -> String {
-    format!(
-        r#"
-listeners:
-  - name: app
-    listen: 127.0.0.1:0
-    cluster: backend
-clusters:
-  - name: backend
-    endpoints: [ "{}" ]
-"#,
-        echo.addr
-    )
+    support::tcp_config("127.0.0.1:0", &[echo.addr.to_string()])
 }
 
 fn open(legate: &Legate) -> TcpStream {

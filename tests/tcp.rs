@@ -10,20 +10,7 @@ use support::backends::Backend;
 use support::{DEADLINE, Legate, refused_addr, wait_until};
 
 fn one_listener(endpoints: &[String]) -> String {
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        r#"
-listeners:
-  - name: app
-    listen: 127.0.0.1:0
-    cluster: backend
-clusters:
-  - name: backend
-    endpoints: [ {} ]
-    connect_timeout: 1s
-"#,
-        endpoints.join(", ")
-    )
+    support::tcp_config("127.0.0.1:0", endpoints)
 }
 
 fn connect(legate: &Legate) -> TcpStream {

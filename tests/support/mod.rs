@@ -285,6 +285,16 @@ pub fn check(dir: &Path) -> (bool, String, String) {
     )
 }
 
+/// A config with one TCP listener `app` on `listen` sending to cluster
+/// `backend` over `endpoints` (connect timeout 1 s).
+pub fn tcp_config(listen: &str, endpoints: &[String]) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "listeners:\n  - {{ name: app, listen: \"{listen}\", cluster: backend }}\nclusters:\n  - {{ name: backend, endpoints: [ {} ], connect_timeout: 1s }}\n",
+        endpoints.join(", ")
+    )
+}
+
 /// A config directory with the given files (name, contents).
 pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
