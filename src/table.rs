@@ -436,9 +436,8 @@ fn compile_route(
                 .filter_map(|(k, v)| {
                     let name = ::http::HeaderName::from_bytes(k.as_bytes()).ok()?;
                     let value = match v {
-                        HeaderMatchConfig::Present(true) => None,
-                        // `false` means "absent" nowhere in the contract; treat like presence of nothing.
-                        HeaderMatchConfig::Present(false) => return None,
+                        // `false` was rejected by validation.
+                        HeaderMatchConfig::Present(_) => None,
                         HeaderMatchConfig::Exact(v) => Some(::http::HeaderValue::from_str(v).ok()?),
                     };
                     Some((name, value))

@@ -285,7 +285,7 @@ fn http_route_errors_are_located() {
     routes:
       - match: {{ path_prefix: v2 }}
         cluster: db
-      - match: {{ method: "G ET" }}
+      - match: {{ method: "G ET", headers: {{ x-debug: false }} }}
         cluster: nope
       - rewrite: {{ path_prefix: / }}
         cluster: db
@@ -302,6 +302,10 @@ fn http_route_errors_are_located() {
         "{err}"
     );
     assert!(err.contains(r#"invalid method "G ET""#), "{err}");
+    assert!(
+        err.contains(r#""x-debug: false" is not a condition"#),
+        "{err}"
+    );
     assert!(
         err.contains(r#"routes.yaml:9:18: field "cluster": unknown cluster "nope""#),
         "{err}"

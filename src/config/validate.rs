@@ -431,13 +431,28 @@ pub(super) fn check_route(
             format!("field \"method\": invalid method \"{method}\""),
         );
     }
-    for name in m.headers.keys() {
+    for (name, want) in &m.headers {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             at(
                 file,
                 loc,
                 format!("field \"headers\": invalid header name \"{name}\""),
             );
+        }
+        match want {
+            HeaderMatchConfig::Present(false) => at(
+                file,
+                loc,
+                format!(
+                    "field \"headers\": \"{name}: false\" is not a condition: give a value, or true for \"present\""
+                ),
+            ),
+            HeaderMatchConfig::Exact(v) if http::HeaderValue::from_str(v).is_err() => at(
+                file,
+                loc,
+                format!("field \"headers\": invalid value for \"{name}\""),
+            ),
+            _ => {}
         }
     }
     if let Some(rw) = &r.rewrite {
