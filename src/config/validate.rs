@@ -50,18 +50,14 @@ pub(super) fn merge(
         if let Err(why) = check_name(name) {
             at(file, &c.name.referenced, format!("field \"name\": {why}"));
         }
-        if let Some((first_file, first)) = cluster_names.get(name) {
+        if let Some(first) = first_place(&mut cluster_names, name, file, &c.name.referenced) {
             at(
                 file,
                 &c.name.referenced,
                 format!(
-                    "field \"name\": duplicate cluster name \"{name}\" (first defined at {}:{})",
-                    first_file.display(),
-                    first.line()
+                    "field \"name\": duplicate cluster name \"{name}\" (first defined at {first})"
                 ),
             );
-        } else {
-            cluster_names.insert(name, (file, &c.name.referenced));
         }
         if c.endpoints.value.is_empty() {
             at(
@@ -191,34 +187,27 @@ pub(super) fn merge(
         if let Err(why) = check_name(name) {
             at(file, &l.name.referenced, format!("field \"name\": {why}"));
         }
-        if let Some((first_file, first)) = listener_names.get(name) {
+        if let Some(first) = first_place(&mut listener_names, name, file, &l.name.referenced) {
             at(
                 file,
                 &l.name.referenced,
                 format!(
-                    "field \"name\": duplicate listener name \"{name}\" (first defined at {}:{})",
-                    first_file.display(),
-                    first.line()
+                    "field \"name\": duplicate listener name \"{name}\" (first defined at {first})"
                 ),
             );
-        } else {
-            listener_names.insert(name, (file, &l.name.referenced));
         }
         let addr = l.listen.value.0;
-        if addr.port() != 0 {
-            if let Some((first_file, first)) = listen_addrs.get(&addr) {
-                at(
-                    file,
-                    &l.listen.referenced,
-                    format!(
-                        "field \"listen\": address {addr} is already used by another listener (at {}:{})",
-                        first_file.display(),
-                        first.line()
-                    ),
-                );
-            } else {
-                listen_addrs.insert(addr, (file, &l.listen.referenced));
-            }
+        // Port 0 is "any free port": several listeners may ask for it.
+        if addr.port() != 0
+            && let Some(first) = first_place(&mut listen_addrs, addr, file, &l.listen.referenced)
+        {
+            at(
+                file,
+                &l.listen.referenced,
+                format!(
+                    "field \"listen\": address {addr} is already used by another listener (at {first})"
+                ),
+            );
         }
         let is_http = l.protocol == Protocol::Http;
         match (&l.routes, is_http) {
@@ -306,6 +295,23 @@ pub(super) fn merge(
         listeners,
         clusters,
         cluster_files,
+    }
+}
+
+/// Records where `key` is first seen; for a later occurrence returns that
+/// first place as `file:line`, for "duplicate ... (first defined at ...)".
+fn first_place<'a, K: std::hash::Hash + Eq>(
+    seen: &mut HashMap<K, (&'a Path, &'a Location)>,
+    key: K,
+    file: &'a Path,
+    loc: &'a Location,
+) -> Option<String> {
+    match seen.get(&key) {
+        Some((first_file, first)) => Some(format!("{}:{}", first_file.display(), first.line())),
+        None => {
+            seen.insert(key, (file, loc));
+            None
+        }
     }
 }
 
