@@ -80,7 +80,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let ready = Arc::new(AtomicBool::new(false));
     let (reloads, mut applied) = reload::spawn(
         opts.config_dir.clone(),
-        initial.hash,
+        &initial,
         tables.clone(),
         opts.reload,
         shutdown.clone(),

@@ -96,12 +96,12 @@ pub fn load_initial(dir: &Path) -> Result<Initial, config::ConfigError> {
     Ok(Initial { config, tls, hash })
 }
 
-/// Starts the reloader for `dir`, whose current content hashed to `hash` and is
+/// Starts the reloader for `dir`, whose current content is `initial` and is
 /// already published in `tables` (generation 1). Returns the admin's handle and
 /// the channel on which every applied table is announced.
 pub fn spawn(
     dir: PathBuf,
-    hash: u64,
+    initial: &Initial,
     tables: Arc<ArcSwap<RoutingTable>>,
     settings: Settings,
     shutdown: Shutdown,
@@ -122,12 +122,13 @@ pub fn spawn(
         dir,
         tables,
         publish,
-        last_hash: hash,
+        last_hash: initial.hash,
         status: status.clone(),
         watcher: None,
         watched: Vec::new(),
     };
-    tokio::spawn(reloader.run(settings, request_rx, shutdown));
+    let tls_files = tls::files(&initial.config);
+    tokio::spawn(reloader.run(settings, request_rx, tls_files, shutdown));
     (Handle { requests, status }, applied)
 }
 
@@ -155,6 +156,7 @@ impl Reloader {
         mut self,
         settings: Settings,
         mut requests: mpsc::Receiver<oneshot::Sender<Outcome>>,
+        initial_tls_files: Vec<PathBuf>,
         shutdown: Shutdown,
     ) {
         // Events arrive on notify's own thread; a full channel already means
@@ -164,16 +166,13 @@ impl Reloader {
             .watch
             .then(|| watch_dir(&self.dir, event_tx))
             .flatten();
-        if let Ok(config) = Config::load(&self.dir) {
-            self.watch_tls_dirs(&config);
-        }
+        self.watch_tls_dirs(&initial_tls_files);
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let poll_every = settings.poll_interval.unwrap_or(Duration::MAX);
-        let mut poll = tokio::time::interval_at(
-            tokio::time::Instant::now() + poll_every.min(Duration::from_secs(86400 * 365)),
-            poll_every.min(Duration::from_secs(86400 * 365)),
-        );
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = settings.poll_interval.map(|every| {
+            let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            poll
+        });
 
         loop {
             tokio::select! {
@@ -182,7 +181,7 @@ impl Reloader {
                     self.reload("watch");
                 }
                 Some(()) = recv_signal(&mut hup) => { self.reload("SIGHUP"); }
-                _ = poll.tick(), if settings.poll_interval.is_some() => { self.reload("poll"); }
+                () = tick(&mut poll) => { self.reload("poll"); }
                 Some(reply) = requests.recv() => {
                     let _ = reply.send(self.reload("admin"));
                 }
@@ -218,7 +217,7 @@ impl Reloader {
             Ok(t) => t,
             Err(e) => return self.reject(trigger, e.to_string()),
         };
-        self.watch_tls_dirs(&config);
+        self.watch_tls_dirs(&tls::files(&config));
 
         let old = self.tables.load_full();
         let generation = old.generation + 1;
@@ -259,11 +258,11 @@ impl Reloader {
 
     /// Adds the directories of the config's TLS files to the watch (the
     /// directory, not the file: Secret volumes swap files like ConfigMaps).
-    fn watch_tls_dirs(&mut self, config: &Config) {
+    fn watch_tls_dirs(&mut self, files: &[PathBuf]) {
         let Some(watcher) = &mut self.watcher else {
             return;
         };
-        for file in tls::files(config) {
+        for file in files {
             let Some(dir) = file.parent().map(Path::to_path_buf) else {
                 continue;
             };
@@ -301,6 +300,16 @@ async fn debounce(events: &mut mpsc::Receiver<()>) {
             _ = tokio::time::sleep(DEBOUNCE) => return,
             _ = tokio::time::sleep_until(until) => return,
         }
+    }
+}
+
+/// The next poll tick; never, when polling is off.
+async fn tick(poll: &mut Option<tokio::time::Interval>) {
+    match poll {
+        Some(p) => {
+            p.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

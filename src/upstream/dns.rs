@@ -16,7 +16,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
-use super::{Cluster, alive};
+use super::Cluster;
 use crate::config::ResolverConfig;
 use crate::metrics;
 
@@ -110,7 +110,7 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
         .collect();
     let mut failures: u32 = 0;
     loop {
-        let Some(c) = alive(&cluster) else { return };
+        let Some(c) = cluster.upgrade() else { return };
         let mut next = dns.max_ttl;
         let mut failed = false;
         for ((host, port), answer) in names.iter().zip(answers.iter_mut()) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Cluster, alive};
+use super::Cluster;
 use crate::config::HealthConfig;
 
 /// First passive ejection; doubles with each further consecutive failure.
@@ -120,7 +120,7 @@ impl Health {
 /// sidecars do not probe in lockstep) until the cluster is dropped.
 pub async fn run(cluster: Weak<Cluster>, check: HealthConfig) {
     loop {
-        let Some(c) = alive(&cluster) else { return };
+        let Some(c) = cluster.upgrade() else { return };
         let endpoints = c.endpoints();
         let probes = endpoints.iter().map(|e| {
             let check = &check;

@@ -11,7 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -433,9 +433,4 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Upgrades a background task's handle; `None` means the cluster is gone and the task should end.
-fn alive(cluster: &Weak<Cluster>) -> Option<Arc<Cluster>> {
-    cluster.upgrade()
 }
