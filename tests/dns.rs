@@ -39,13 +39,7 @@ clusters:
 
 /// Opens a connection and returns (the backend's name, the open stream).
 fn reach(addr: SocketAddr) -> (String, TcpStream) {
-    let s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut name = String::new();
-    BufReader::new(s.try_clone().unwrap())
-        .read_line(&mut name)
-        .expect("backend name");
-    (name.trim().to_string(), s)
+    support::backends::reach_named(addr, None)
 }
 
 /// 1. `db.test` resolves to 127.0.0.10 (TTL 1 s); connections reach a.

@@ -12,26 +12,7 @@ use std::time::{Duration, Instant};
 use support::backends::Backend;
 use support::{DEADLINE, Legate, refused_addr, wait_until};
 
-/// Connects (optionally from a given loopback source IP) and returns the
-/// backend's name and the open stream.
-fn reach_from(addr: SocketAddr, source: Option<[u8; 4]>) -> (String, TcpStream) {
-    let s = match source {
-        None => TcpStream::connect(addr).expect("connect"),
-        Some(ip) => {
-            let sock =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            sock.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
-            sock.connect(&addr.into()).expect("connect");
-            sock.into()
-        }
-    };
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut name = String::new();
-    BufReader::new(s.try_clone().unwrap())
-        .read_line(&mut name)
-        .expect("backend name");
-    (name.trim().to_string(), s)
-}
+use support::backends::reach_named as reach_from;
 
 fn reach(addr: SocketAddr) -> String {
     reach_from(addr, None).0

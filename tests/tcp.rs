@@ -13,6 +13,22 @@ fn one_listener(endpoints: &[String]) -> String {
     support::tcp_config("127.0.0.1:0", endpoints)
 }
 
+/// Writes `payload` to listener `app` and half-closes, while reading the
+/// echo to EOF on this thread (so neither side blocks the other).
+fn echo_round_trip(legate: &Legate, payload: &[u8]) -> Vec<u8> {
+    let mut client = connect(legate);
+    let mut writer = client.try_clone().unwrap();
+    let to_send = payload.to_vec();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut echoed = Vec::with_capacity(payload.len());
+    client.read_to_end(&mut echoed).unwrap();
+    sender.join().unwrap();
+    echoed
+}
+
 fn connect(legate: &Legate) -> TcpStream {
     let s = TcpStream::connect(legate.addr("app")).expect("connect to legate");
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -28,16 +44,7 @@ fn multi_mib_random_payload_round_trip() {
     let legate = Legate::start(&one_listener(&[echo.addr.to_string()]));
     let payload: Vec<u8> = (0..8 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
 
-    let mut client = connect(&legate);
-    let mut writer = client.try_clone().unwrap();
-    let to_send = payload.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&to_send).unwrap();
-        writer.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut echoed = Vec::with_capacity(payload.len());
-    client.read_to_end(&mut echoed).unwrap();
-    sender.join().unwrap();
+    let echoed = echo_round_trip(&legate, &payload);
 
     assert_eq!(echoed.len(), payload.len());
     assert!(echoed == payload, "echoed bytes differ from the payload");
@@ -63,16 +70,7 @@ fn copy_path_and_splice_path_agree() {
     for (env, path) in [(Some(("LEGATE_NO_SPLICE", "1")), "copy"), (None, "splice")] {
         let legate = Legate::start_with_env(&config, env.as_slice());
         let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
-        let mut client = connect(&legate);
-        let mut writer = client.try_clone().unwrap();
-        let to_send = payload.clone();
-        let sender = std::thread::spawn(move || {
-            writer.write_all(&to_send).unwrap();
-            writer.shutdown(Shutdown::Write).unwrap();
-        });
-        let mut echoed = Vec::new();
-        client.read_to_end(&mut echoed).unwrap();
-        sender.join().unwrap();
+        let echoed = echo_round_trip(&legate, &payload);
         assert!(echoed == payload, "{path}: echo differs");
 
         let mut b = TcpStream::connect(legate.addr("banner")).unwrap();

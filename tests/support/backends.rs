@@ -145,3 +145,25 @@ impl Backend {
         self.accepted.load(Ordering::SeqCst)
     }
 }
+
+/// Connects to `addr` (optionally from a given loopback source IP) and reads
+/// the first line a named backend sends: (its name, the still-open stream).
+pub fn reach_named(addr: SocketAddr, source: Option<[u8; 4]>) -> (String, std::net::TcpStream) {
+    use std::io::BufRead;
+    let s = match source {
+        None => std::net::TcpStream::connect(addr).expect("connect"),
+        Some(ip) => {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+            sock.connect(&addr.into()).expect("connect");
+            sock.into()
+        }
+    };
+    s.set_read_timeout(Some(super::DEADLINE)).unwrap();
+    let mut name = String::new();
+    std::io::BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut name)
+        .expect("backend name");
+    (name.trim().to_string(), s)
+}
