@@ -28,7 +28,7 @@ fn table(n: usize) -> RoutingTable {
         "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n{routes}clusters:\n  - {{ name: c, endpoints: [ \"127.0.0.1:1\" ] }}\n"
     );
     let config = Config::from_sources([(PathBuf::from("bench.yaml"), Ok(yaml))]).expect("valid");
-    table::compile(&config, &Default::default(), 1, None)
+    table::compile(&config, &Default::default(), 1, None).expect("bench config compiles")
 }
 
 fn route_matching(c: &mut Criterion) {

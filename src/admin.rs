@@ -4,23 +4,28 @@
 //!
 //! Reads the current routing table, the bound addresses, the reload status and
 //! the readiness flag; its only writes are asking for a reload and starting
-//! the shutdown. It keeps serving during the drain so
-//! probes see `/readyz` turn 503, and ends with the process.
+//! the shutdown, which answer only to loopback clients (see
+//! [`refuse_mutation`]). It keeps serving during the drain so probes see
+//! `/readyz` turn 503, and ends with the process. It takes no fds from the
+//! data path's budget: `/healthz` answers while the data path is out of fds.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, ORIGIN};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::listener::BoundAddrs;
 use crate::metrics;
@@ -39,34 +44,98 @@ pub struct AdminState {
     pub reloads: reload::Handle,
 }
 
+/// Admin connections open at once; more wait in the backlog. Probes and a
+/// scraper need a handful; the cap keeps a flood from costing memory.
+const MAX_CONNECTIONS: usize = 64;
+/// The whole request head must arrive within this; an idle keep-alive
+/// connection is closed after it too.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin requests are a line and a few headers; hyper's floor is 8 KiB.
+const MAX_HEAD: usize = 8 * 1024;
+
 /// Serves admin requests on `socket` until the process exits.
 pub async fn serve(socket: TcpListener, state: AdminState) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match socket.accept().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match socket.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req).await) }
+                async move { Ok::<_, Infallible>(route(&state, &req, peer).await) }
             });
-            // A client that sends garbage or hangs up only ends its own connection.
+            // A client that sends garbage, hangs or hangs up only ends its own connection.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
 }
 
-async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Why a request may not change legate's state, if it may not.
+///
+/// The admin port is served on the Pod IP (probes, scraping), so the
+/// endpoints that act (`/reload`, `/quitquitquit`) answer only to a loopback
+/// peer: a process in the Pod, or `kubectl port-forward`. A browser is kept
+/// out twice: a cross-site request carries `Origin` (even the "simple" ones
+/// that skip the CORS preflight), and a DNS-rebound one carries a `Host` that
+/// is a name, not localhost or an IP.
+fn refuse_mutation(req: &Request<Incoming>, peer: SocketAddr) -> Option<&'static str> {
+    if !peer.ip().is_loopback() {
+        return Some("forbidden: only loopback clients may change legate's state\n");
+    }
+    if req.headers().contains_key(ORIGIN) {
+        return Some("forbidden: cross-origin (browser) requests may not change legate's state\n");
+    }
+    refuse_host(req)
+}
+
+/// A `Host` that is a DNS name other than localhost means a browser was sent
+/// here by DNS rebinding: no answer, not even read-only ones with config in them.
+fn refuse_host(req: &Request<Incoming>) -> Option<&'static str> {
+    let Some(host) = req.headers().get(HOST) else {
+        return None;
+    };
+    let host = host.to_str().unwrap_or("");
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let local = name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok();
+    (!local).then_some("forbidden: Host must be localhost or an IP address\n")
+}
+
+async fn route(
+    state: &AdminState,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
+    let refused = match (path, method) {
+        ("/quitquitquit" | "/reload", &Method::POST) => refuse_mutation(req, peer),
+        ("/config", _) => refuse_host(req),
+        _ => None,
+    };
+    if let Some(why) = refused {
+        tracing::warn!(client = %peer, path, "admin request refused: {}", why.trim_end());
+        return text(StatusCode::FORBIDDEN, why);
+    }
     match (path, method) {
         ("/healthz", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "ok\n"),
         ("/readyz", &Method::GET | &Method::HEAD) => {

@@ -9,7 +9,8 @@
 //! - [`upstream`]: clusters, endpoint choice, connect.
 //!
 //! Around them: [`admin`] (probes, metrics, config), [`metrics`] (the families),
-//! [`shutdown`] (signals and the sidecar drain). [`run`] wires them together.
+//! [`shutdown`] (signals and the sidecar drain, and the task owners), [`fds`]
+//! (the file descriptor budget). [`run`] wires them together.
 
 #![deny(unsafe_code)]
 
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 
 pub mod admin;
 pub mod config;
+pub mod fds;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -33,7 +35,7 @@ pub mod tcp;
 pub mod tls;
 pub mod upstream;
 
-use config::{Config, ConfigError};
+use config::ConfigError;
 use listener::{BoundAddrs, Listeners};
 use shutdown::{Shutdown, Timing};
 
@@ -51,6 +53,8 @@ pub struct Options {
 pub enum StartError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigError),
+    #[error("{0}")]
+    Compile(#[from] table::CompileError),
     #[error("cannot bind the admin server on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -60,13 +64,23 @@ pub enum StartError {
 
 /// Runs the proxy until a shutdown (signal or `POST /quitquitquit`) has drained.
 pub async fn run(opts: Options) -> Result<(), StartError> {
+    match fds::raise_limit() {
+        Ok(l) => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard = l.hard,
+            data_path_budget = fds::limit(),
+            "file descriptor limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE"),
+    }
     let initial = reload::load_initial(&opts.config_dir)?;
     let tables = Arc::new(ArcSwap::from_pointee(table::compile(
         &initial.config,
         &initial.tls,
         1,
         None,
-    )));
+    )?));
     tables.load().start();
     tracing::info!(
         config = %opts.config_dir.display(),
@@ -129,9 +143,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     Ok(())
 }
 
-/// `legate check`: validates the directory and returns the compiled table as JSON.
-pub fn check(dir: &Path) -> Result<serde_json::Value, ConfigError> {
-    let config = Config::load(dir)?;
-    let tls = tls::load_all(&config)?;
-    Ok(table::compile(&config, &tls, 1, None).describe(&Default::default()))
+/// `legate check`: validates the directory and returns the compiled table as
+/// JSON. Reads exactly as a reload does, so whatever it accepts can run.
+pub fn check(dir: &Path) -> Result<serde_json::Value, StartError> {
+    let initial = reload::load_initial(dir)?;
+    let table = table::compile(&initial.config, &initial.tls, 1, None)?;
+    Ok(table.describe(&Default::default()))
 }

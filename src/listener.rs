@@ -3,28 +3,30 @@
 //! Owns the set of listening sockets ([`Listeners`], kept in step with each
 //! new routing table), binding (with retry while the port is still taken, so a
 //! restarted sidecar waits instead of crash-looping; `/readyz` stays 503
-//! meanwhile), the accept loops, and the life of each accepted connection: load
-//! the routing table once, pick a route, connect, then hand both sockets to
-//! `tcp::forward` until they finish or the route is retired by a reload.
+//! meanwhile), and the accept loops with their admission: a connection slot
+//! (`max_connections`) and an fd from the budget before each accept. Each
+//! accepted connection loads the routing table once and is dispatched to its
+//! session, [`tcp::serve`] or [`crate::http::serve`], which owns its timeouts.
 //! Connections run on the shutdown tracker so the drain can wait for them.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::shutdown::Shutdown;
+use crate::fds;
+use crate::metrics;
+use crate::shutdown::{Shutdown, Tasks};
 use crate::table::{ListenerKind, RoutingTable};
 use crate::tcp;
-use crate::upstream;
 
 /// The address each listener actually bound (port 0 resolved), shown by `/config`.
 /// Written on bind, read by the admin server: never on the connection path.
@@ -88,6 +90,15 @@ struct Running {
     task: JoinHandle<()>,
     /// Completes once the socket is bound (or binding was abandoned).
     bound: Option<oneshot::Receiver<()>>,
+    /// The listener's `max_connections`, shared with its accept loop.
+    limit: Arc<Limit>,
+}
+
+/// A listener's connection limit: one permit per open connection. A reload
+/// may change `max`; the permits follow.
+struct Limit {
+    permits: Arc<Semaphore>,
+    max: Mutex<usize>,
 }
 
 impl Listeners {
@@ -101,10 +112,11 @@ impl Listeners {
     }
 
     /// Makes the running accept loops match `table`: unchanged listeners keep
-    /// their socket, removed ones stop accepting (their connections drain on
-    /// their own), moved ones close their old address and bind the new one, new
-    /// ones bind. Closing happens first, so an address can pass from one
-    /// listener to another within one reload.
+    /// their socket (and take a new `max_connections`), removed ones stop
+    /// accepting (their connections drain on their own), moved ones close
+    /// their old address and bind the new one, new ones bind. Closing happens
+    /// first, so an address can pass from one listener to another within one
+    /// reload.
     pub async fn apply(&mut self, table: &RoutingTable) {
         let stale: Vec<Arc<str>> = self
             .running
@@ -115,6 +127,7 @@ impl Listeners {
         for name in stale {
             if let Some(r) = self.running.remove(&name) {
                 r.stop.cancel();
+                r.limit.permits.close();
                 let _ = r.task.await;
                 if let Ok(mut b) = self.bound.lock() {
                     b.remove(&name);
@@ -122,9 +135,12 @@ impl Listeners {
             }
         }
         for l in &table.listeners {
-            if !self.running.contains_key(&l.name) {
-                let running = self.start(l.name.clone(), l.addr);
-                self.running.insert(l.name.clone(), running);
+            match self.running.get(&l.name) {
+                Some(r) => r.limit.resize(l.max_connections),
+                None => {
+                    let running = self.start(l.name.clone(), l.addr, l.max_connections);
+                    self.running.insert(l.name.clone(), running);
+                }
             }
         }
     }
@@ -138,14 +154,19 @@ impl Listeners {
         }
     }
 
-    fn start(&self, name: Arc<str>, addr: SocketAddr) -> Running {
+    fn start(&self, name: Arc<str>, addr: SocketAddr, max_connections: usize) -> Running {
         let stop = self.shutdown.stop_accepting.child_token();
         let (bound_tx, bound_rx) = oneshot::channel();
-        let (tables, bound, shutdown, stop_loop) = (
+        let limit = Arc::new(Limit {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            max: Mutex::new(max_connections),
+        });
+        let (tables, bound, shutdown, stop_loop, permits) = (
             self.tables.clone(),
             self.bound.clone(),
             self.shutdown.clone(),
             stop.clone(),
+            limit.permits.clone(),
         );
         let task = self.shutdown.accept_loops.spawn(async move {
             let socket = tokio::select! {
@@ -162,136 +183,212 @@ impl Listeners {
             }
             tracing::info!(listener = %name, address = %local, "listening");
             let _ = bound_tx.send(());
-            serve(socket, name, tables, shutdown, stop_loop).await;
+            let accept = Accept {
+                socket,
+                name,
+                tables,
+                shutdown,
+                stop: stop_loop,
+                permits,
+            };
+            accept.run().await;
         });
         Running {
             addr,
             stop,
             task,
             bound: Some(bound_rx),
+            limit,
         }
     }
 }
 
-/// Accepts on `socket` until `stop` is cancelled; each connection is served
-/// from the table snapshot current at its accept.
-async fn serve(
+// === impl Limit ===
+
+impl Limit {
+    /// Moves the limit to `max`. Lowering it takes permits back as open
+    /// connections end (no connection is closed for it).
+    fn resize(&self, max: usize) {
+        let Ok(mut current) = self.max.lock() else {
+            return;
+        };
+        if max > *current {
+            self.permits.add_permits(max - *current);
+        } else if max < *current {
+            let (permits, fewer) = (self.permits.clone(), (*current - max) as u32);
+            // Ends when the permits are had, or when the listener closes its semaphore.
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+        *current = max;
+    }
+}
+
+/// One listener's accept loop and what it hands each connection.
+struct Accept {
     socket: TcpListener,
     name: Arc<str>,
     tables: Arc<ArcSwap<RoutingTable>>,
     shutdown: Shutdown,
     stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            // Cancel-safe: a connection is either returned by `accept` or left
-            // in the kernel queue, which closes with the socket.
-            r = socket.accept() => r,
-            _ = stop.cancelled() => break,
-        };
-        let (client, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                tracing::warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let table = tables.load_full();
-        let force_close = shutdown.force_close.clone();
-        let name = name.clone();
-        let http = HttpContext {
-            tables: tables.clone(),
-            stop: stop.clone(),
-        };
-        shutdown.connections.spawn(async move {
-            tokio::select! {
-                _ = handle(client, peer, &name, &table, http) => {}
-                _ = force_close.cancelled() => {
-                    tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
-                }
-            }
-        });
-    }
-    // Close the socket before saying so: anyone who reads the log line and
-    // connects must be refused, not queued in a backlog nobody accepts.
-    drop(socket);
-    tracing::info!(listener = %name, "listener closed");
+    /// One per open connection (`max_connections`).
+    permits: Arc<Semaphore>,
 }
 
-/// Serves one accepted connection from one table snapshot.
-async fn handle(
-    mut client: TcpStream,
+/// How long an accept loop that is out of fds waits before looking again.
+const FD_RETRY: Duration = Duration::from_millis(20);
+
+impl Accept {
+    /// Accepts until `stop` is cancelled; each connection is served from the
+    /// table snapshot current at its accept. Before each accept the loop takes
+    /// a connection permit and an fd from the budget: at either limit it stops
+    /// accepting, and the kernel's backlog holds the app's new connections
+    /// until a connection ends.
+    async fn run(self) {
+        loop {
+            let Some((permit, fd)) = self.admission().await else {
+                break;
+            };
+            let accepted = tokio::select! {
+                // Cancel-safe: a connection is either returned by `accept` or left
+                // in the kernel queue, which closes with the socket.
+                r = self.socket.accept() => r,
+                _ = self.stop.cancelled() => break,
+            };
+            let (client, peer) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of fds or memory regardless of the budget: back off instead of spinning.
+                    tracing::warn!(listener = %self.name, error = %e, "accept failed");
+                    tokio::time::sleep(FD_RETRY).await;
+                    continue;
+                }
+            };
+            let table = self.tables.load_full();
+            let force_close = self.shutdown.force_close.clone();
+            let name = self.name.clone();
+            let http = HttpContext {
+                tables: self.tables.clone(),
+                stop: self.stop.clone(),
+                tasks: self.shutdown.connection_tasks(),
+                drivers: self.shutdown.background_tasks(),
+            };
+            self.shutdown.connections.spawn(async move {
+                // Held for the connection's life: its slot and its fd.
+                let _admitted = (permit, fd);
+                tokio::select! {
+                    _ = dispatch(client, peer, name.clone(), table, http) => {}
+                    _ = force_close.cancelled() => {
+                        tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
+                    }
+                }
+            });
+        }
+        // Close the socket before saying so: anyone who reads the log line and
+        // connects must be refused, not queued in a backlog nobody accepts.
+        drop(self.socket);
+        tracing::info!(listener = %self.name, "listener closed");
+    }
+
+    /// A connection slot and an fd for the next accept, waiting while the
+    /// listener is at `max_connections` or the data path is out of fds.
+    /// `None` once the loop must stop.
+    async fn admission(&self) -> Option<(OwnedSemaphorePermit, fds::Reserved)> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {
+                self.paused("max_connections");
+                tokio::select! {
+                    p = self.permits.clone().acquire_owned() => p.ok()?,
+                    _ = self.stop.cancelled() => return None,
+                }
+            }
+        };
+        let mut waited = false;
+        loop {
+            if let Some(fd) = fds::reserve(1) {
+                return Some((permit, fd));
+            }
+            if !waited {
+                waited = true;
+                self.paused("fds");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FD_RETRY) => {}
+                _ = self.stop.cancelled() => return None,
+            }
+        }
+    }
+
+    fn paused(&self, reason: &'static str) {
+        metrics::get()
+            .listener_accept_paused_total
+            .with_label_values(&[&self.name, reason])
+            .inc();
+        tracing::warn!(listener = %self.name, reason,
+            "not accepting: at the limit (new connections wait in the kernel backlog)");
+    }
+}
+
+/// Serves one accepted connection: the listener's kind decides how.
+async fn dispatch(
+    client: TcpStream,
     peer: SocketAddr,
-    name: &Arc<str>,
-    table: &RoutingTable,
+    name: Arc<str>,
+    table: Arc<RoutingTable>,
     http: HttpContext,
 ) {
-    let Some(listener) = table.listener(name) else {
+    let Some(listener) = table.listener(&name) else {
         // The listener left the config between accept and here; the socket closes.
         return;
     };
-    let m = &listener.metrics;
+    let m = listener.metrics.clone();
     m.connections_total.inc();
     m.connections_active.inc();
     let _active = scopeguard(|| m.connections_active.dec());
     let _ = client.set_nodelay(true);
 
-    let target = match &listener.kind {
-        ListenerKind::Tcp(target) => target,
-        ListenerKind::Http(_) => {
+    match &listener.kind {
+        ListenerKind::Tcp(tcp) => {
+            let session = tcp::Session {
+                listener: name.clone(),
+                client: peer,
+                route: tcp.target.pick().clone(),
+                idle_timeout: tcp.idle_timeout,
+                metrics: m.clone(),
+            };
+            // The session keeps its route, not the table: an old generation
+            // is freed as soon as no connection uses its routes.
+            drop(table);
+            tcp::serve(client, session).await;
+        }
+        ListenerKind::Http(h) => {
             let conn = crate::http::Conn {
                 listener: name.clone(),
                 client: peer,
                 tables: http.tables,
+                tasks: http.tasks,
+                drivers: http.drivers,
             };
-            crate::http::serve(client, conn, http.stop).await;
-            return;
+            let limits = h.limits;
+            drop(table);
+            crate::http::serve(client, conn, limits, http.stop).await;
         }
-    };
-    let began = Instant::now();
-    let route = target.pick();
-    let upstream::Connected {
-        stream: mut upstream,
-        cluster,
-        endpoint,
-        active: _active_on_endpoint,
-    } = match upstream::connect(&route.cluster, &route.failover, peer).await {
-        Ok(connected) => connected,
-        Err(e) => {
-            tracing::warn!(listener = %name, client = %peer, error = %e, "closing client: no upstream");
-            return;
-        }
-    };
-    let forwarded = tokio::select! {
-        r = tcp::forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream) => r,
-        _ = route.retired.cancelled() => {
-            tracing::info!(
-                listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
-                "closing connection: a reload moved this route (drain_on_change)"
-            );
-            return;
-        }
-    };
-    match forwarded {
-        Ok(t) => tracing::debug!(
-            listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
-            bytes_upstream = t.upstream, bytes_downstream = t.downstream,
-            duration_ms = began.elapsed().as_millis() as u64, "connection closed"
-        ),
-        Err(e) => tracing::debug!(
-            listener = %name, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
-            error = %e, duration_ms = began.elapsed().as_millis() as u64, "connection ended with error"
-        ),
     }
 }
 
 /// What an HTTP connection needs beyond the snapshot: the live table (each
-/// request reads the current one) and the signal to close gracefully.
+/// request reads the current one), the signal to close gracefully, and where
+/// its tasks run.
 struct HttpContext {
     tables: Arc<ArcSwap<RoutingTable>>,
     stop: CancellationToken,
+    tasks: Tasks,
+    drivers: Tasks,
 }
 
 /// Runs `f` on drop: keeps the active-connections gauge right on every exit path.

@@ -34,17 +34,21 @@ struct Cli {
     #[arg(long, env = "LEGATE_THREADS")]
     threads: Option<usize>,
 
-    /// After SIGTERM, keep accepting this long before closing the listeners.
-    #[arg(long, env = "LEGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration_or_zero)]
+    /// After SIGTERM, keep accepting this long before closing the listeners (0 to 1h).
+    #[arg(long, env = "LEGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_shutdown_delay)]
     shutdown_delay: Duration,
 
-    /// After the listeners close, wait this long for open connections, then close them.
-    #[arg(long, env = "LEGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// After the listeners close, wait this long for open connections, then close them (1ms to 1d).
+    #[arg(long, env = "LEGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_drain_timeout)]
     drain_timeout: Duration,
 
-    /// Re-read the config directory this often even without a change event (0 disables).
-    #[arg(long, env = "LEGATE_POLL_INTERVAL", default_value = "30s", value_parser = parse_duration_or_zero)]
+    /// Re-read the config directory this often even without a change event (0 disables; else 100ms to 1d).
+    #[arg(long, env = "LEGATE_POLL_INTERVAL", default_value = "30s", value_parser = parse_poll_interval)]
     poll_interval: Duration,
+
+    /// Quiet time after a change in the config directory before reloading (1ms to 10s).
+    #[arg(long, env = "LEGATE_RELOAD_DEBOUNCE", default_value = "100ms", value_parser = parse_debounce)]
+    reload_debounce: Duration,
 
     /// Do not watch the config directory with inotify; rely on SIGHUP, POST /reload and polling.
     #[arg(long, env = "LEGATE_NO_WATCH")]
@@ -71,15 +75,48 @@ enum LogFormat {
     Text,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    legate::config::parse_duration(s)
+/// A duration within `min..=max`, or 0 when `zero` allows it: a flag outside
+/// the range is refused at start, never scheduled (an interval of 1ns spins a
+/// core, one of 2^64 s overflows the clock).
+fn bounded(s: &str, zero: bool, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = if s.trim() == "0" {
+        Duration::ZERO
+    } else {
+        legate::config::parse_duration(s)?
+    };
+    if d.is_zero() && zero {
+        return Ok(d);
+    }
+    if d < min || d > max {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        return Err(format!(
+            "{} is out of range ({}{} to {})",
+            show(d),
+            if zero { "0, or " } else { "" },
+            show(min),
+            show(max)
+        ));
+    }
+    Ok(d)
 }
 
-fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    legate::config::parse_duration(s)
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn parse_shutdown_delay(s: &str) -> Result<Duration, String> {
+    bounded(s, true, Duration::from_millis(1), HOUR)
+}
+
+fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
+    bounded(s, false, Duration::from_millis(1), DAY)
+}
+
+fn parse_poll_interval(s: &str) -> Result<Duration, String> {
+    bounded(s, true, Duration::from_millis(100), DAY)
+}
+
+fn parse_debounce(s: &str) -> Result<Duration, String> {
+    bounded(s, false, Duration::from_millis(1), Duration::from_secs(10))
 }
 
 fn main() -> ExitCode {
@@ -139,6 +176,7 @@ fn main() -> ExitCode {
         reload: legate::reload::Settings {
             watch: !cli.no_watch,
             poll_interval: (!cli.poll_interval.is_zero()).then_some(cli.poll_interval),
+            debounce: cli.reload_debounce,
         },
     };
     match runtime.block_on(legate::run(opts)) {

@@ -5,7 +5,7 @@
 //! cardinality is bounded by the config. Handles for a listener or cluster are
 //! resolved when the routing table is compiled, so the hot path only bumps atomics.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -17,6 +17,7 @@ pub struct Metrics {
     registry: Registry,
     pub listener_connections_total: IntCounterVec,
     pub listener_connections_active: IntGaugeVec,
+    pub listener_accept_paused_total: IntCounterVec,
     pub bytes_total: IntCounterVec,
     pub upstream_connects_total: IntCounterVec,
     pub upstream_connect_seconds: HistogramVec,
@@ -29,6 +30,34 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
+}
+
+/// One labelled series (or group of series) that exists because of a config
+/// object. When a reload drops the object, its series are removed, so alerts
+/// on, say, an endpoint being down end with the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Series {
+    Listener(Arc<str>),
+    /// An HTTP route's latency histogram.
+    Route {
+        listener: Arc<str>,
+        route: Arc<str>,
+    },
+    /// An HTTP route's request counters on one cluster.
+    RouteCluster {
+        listener: Arc<str>,
+        route: Arc<str>,
+        cluster: Arc<str>,
+    },
+    Cluster(Arc<str>),
+    Failover {
+        cluster: Arc<str>,
+        to: Arc<str>,
+    },
+    Endpoint {
+        cluster: Arc<str>,
+        endpoint: Arc<str>,
+    },
 }
 
 /// Handles for one listener, resolved once per table compile.
@@ -52,6 +81,8 @@ pub struct ClusterMetrics {
     pub connect_error: IntCounter,
     /// TCP connected, TLS handshake or verification failed.
     pub connect_tls_error: IntCounter,
+    /// legate ran out of something (fds, memory, ports): not the endpoint's fault.
+    pub connect_local_error: IntCounter,
     /// Counted once per client turned away because no endpoint of the route's
     /// clusters (primary and failover) answered.
     pub no_healthy_endpoint: IntCounter,
@@ -59,6 +90,19 @@ pub struct ClusterMetrics {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The `code` label values of `legate_http_requests_total`.
+const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The `result` label values of `legate_upstream_connects_total`.
+const CONNECT_RESULTS: [&str; 7] = [
+    "ok",
+    "refused",
+    "timeout",
+    "tls_error",
+    "error",
+    "local_error",
+    "no_healthy_endpoint",
+];
 
 /// The process-wide metrics.
 pub fn get() -> &'static Metrics {
@@ -84,6 +128,14 @@ impl Metrics {
                 "Connections currently open on a listener.",
             ),
             &["listener"],
+        )
+        .expect("static metric definition");
+        let listener_accept_paused_total = IntCounterVec::new(
+            Opts::new(
+                "legate_listener_accept_paused_total",
+                "Times a listener stopped accepting because it was at a limit (reason: max_connections, fds); new connections wait in the kernel backlog meanwhile.",
+            ),
+            &["listener", "reason"],
         )
         .expect("static metric definition");
         let bytes_total = IntCounterVec::new(
@@ -193,6 +245,7 @@ impl Metrics {
         for c in [
             Box::new(listener_connections_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(listener_connections_active.clone()),
+            Box::new(listener_accept_paused_total.clone()),
             Box::new(bytes_total.clone()),
             Box::new(upstream_connects_total.clone()),
             Box::new(upstream_connect_seconds.clone()),
@@ -219,6 +272,7 @@ impl Metrics {
             registry,
             listener_connections_total,
             listener_connections_active,
+            listener_accept_paused_total,
             bytes_total,
             upstream_connects_total,
             upstream_connect_seconds,
@@ -246,13 +300,17 @@ impl Metrics {
 
     /// Handles for the cluster named `name`.
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
-        let result = |r: &str| self.upstream_connects_total.with_label_values(&[name, r]);
+        let result = |r: &str| {
+            debug_assert!(CONNECT_RESULTS.contains(&r));
+            self.upstream_connects_total.with_label_values(&[name, r])
+        };
         ClusterMetrics {
             connect_ok: result("ok"),
             connect_refused: result("refused"),
             connect_timeout: result("timeout"),
             connect_error: result("error"),
             connect_tls_error: result("tls_error"),
+            connect_local_error: result("local_error"),
             no_healthy_endpoint: result("no_healthy_endpoint"),
             connect_seconds: self.upstream_connect_seconds.with_label_values(&[name]),
         }
@@ -260,10 +318,71 @@ impl Metrics {
 
     /// Counters for 1xx..5xx of one (listener, route, cluster).
     pub fn http_codes(&self, listener: &str, route: &str, cluster: &str) -> [IntCounter; 5] {
-        ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+        CODES.map(|code| {
             self.http_requests_total
                 .with_label_values(&[listener, route, cluster, code])
         })
+    }
+
+    /// Removes every series of `series` (those that do not exist are skipped).
+    pub fn remove(&self, series: &Series) {
+        match series {
+            Series::Listener(l) => {
+                let _ = self.listener_connections_total.remove_label_values(&[l]);
+                let _ = self.listener_connections_active.remove_label_values(&[l]);
+                for direction in ["upstream", "downstream"] {
+                    let _ = self.bytes_total.remove_label_values(&[l, direction]);
+                }
+                for reason in ["max_connections", "fds"] {
+                    let _ = self
+                        .listener_accept_paused_total
+                        .remove_label_values(&[l, reason]);
+                }
+                for code in CODES {
+                    let _ = self
+                        .http_requests_total
+                        .remove_label_values(&[l, "none", "none", code]);
+                }
+            }
+            Series::Route { listener, route } => {
+                let _ = self
+                    .http_request_seconds
+                    .remove_label_values(&[listener, route]);
+            }
+            Series::RouteCluster {
+                listener,
+                route,
+                cluster,
+            } => {
+                for code in CODES {
+                    let _ = self
+                        .http_requests_total
+                        .remove_label_values(&[listener, route, cluster, code]);
+                }
+            }
+            Series::Cluster(c) => {
+                for result in CONNECT_RESULTS {
+                    let _ = self
+                        .upstream_connects_total
+                        .remove_label_values(&[c, result]);
+                }
+                let _ = self.upstream_connect_seconds.remove_label_values(&[c]);
+                for result in ["ok", "error"] {
+                    let _ = self.dns_resolutions_total.remove_label_values(&[c, result]);
+                }
+                let _ = self.tls_cert_expiry.remove_label_values(&[c]);
+            }
+            Series::Failover { cluster, to } => {
+                let _ = self
+                    .cluster_failovers_total
+                    .remove_label_values(&[cluster, to]);
+            }
+            Series::Endpoint { cluster, endpoint } => {
+                let _ = self
+                    .endpoint_healthy
+                    .remove_label_values(&[cluster, endpoint]);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every family.

@@ -22,14 +22,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::metrics;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Tasks};
 use crate::table::{self, RoutingTable};
 use crate::tls::{self, TlsClient};
 
-/// Quiet time after the last file event before reloading: the kubelet's swap
-/// is several events in a row.
-const DEBOUNCE: Duration = Duration::from_millis(100);
-/// A directory that never stops changing still reloads this often.
+/// A directory that never stops changing still reloads at least this often
+/// (or every debounce, when that is longer).
 const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
 
 /// How the reloader finds out about changes.
@@ -39,6 +37,9 @@ pub struct Settings {
     pub watch: bool,
     /// Re-read this often regardless of events; `None` disables polling.
     pub poll_interval: Option<Duration>,
+    /// Quiet time after the last file event before reloading: the kubelet's
+    /// swap is several events in a row. Default 100ms.
+    pub debounce: Duration,
 }
 
 /// What the admin server shows of the reload history (`GET /config`).
@@ -72,6 +73,20 @@ pub struct Initial {
     pub hash: u64,
 }
 
+/// What reading the directory found, decided off the async runtime.
+enum Read {
+    /// Same content as the last read.
+    Unchanged,
+    Rejected {
+        hash: u64,
+        error: String,
+    },
+    Loaded {
+        hash: u64,
+        initial: Initial,
+    },
+}
+
 /// Owns everything a reload changes.
 struct Reloader {
     dir: PathBuf,
@@ -84,6 +99,8 @@ struct Reloader {
     /// The directory watch; TLS file directories are added to it as configs name them.
     watcher: Option<notify::RecommendedWatcher>,
     watched: Vec<PathBuf>,
+    /// Drain timers run here: ended after the shutdown's drain.
+    timers: Tasks,
 }
 
 /// Loads the config directory for the first table.
@@ -126,6 +143,7 @@ pub fn spawn(
         status: status.clone(),
         watcher: None,
         watched: Vec::new(),
+        timers: shutdown.background_tasks(),
     };
     let tls_files = tls::files(&initial.config);
     tokio::spawn(reloader.run(settings, request_rx, tls_files, shutdown));
@@ -177,13 +195,13 @@ impl Reloader {
         loop {
             tokio::select! {
                 Some(()) = events.recv() => {
-                    debounce(&mut events).await;
-                    self.reload("watch");
+                    debounce(&mut events, settings.debounce).await;
+                    self.reload("watch").await;
                 }
-                Some(()) = recv_signal(&mut hup) => { self.reload("SIGHUP"); }
-                () = tick(&mut poll) => { self.reload("poll"); }
+                Some(()) = recv_signal(&mut hup) => { self.reload("SIGHUP").await; }
+                () = tick(&mut poll) => { self.reload("poll").await; }
                 Some(reply) = requests.recv() => {
-                    let _ = reply.send(self.reload("admin"));
+                    let _ = reply.send(self.reload("admin").await);
                 }
                 _ = shutdown.begun.cancelled() => return,
             }
@@ -191,45 +209,48 @@ impl Reloader {
     }
 
     /// One reload attempt. Never panics, never leaves a half-applied table.
-    fn reload(&mut self, trigger: &'static str) -> Outcome {
-        let sources = match config::read_sources(&self.dir) {
-            Ok(s) => s,
-            Err(e) => return self.reject(trigger, e.to_string()),
+    /// The file work (reading, parsing, PEM and system roots) runs on a
+    /// blocking thread: a single-threaded runtime keeps serving meanwhile.
+    async fn reload(&mut self, trigger: &'static str) -> Outcome {
+        let (dir, last_hash) = (self.dir.clone(), self.last_hash);
+        let read = match tokio::task::spawn_blocking(move || read(&dir, last_hash)).await {
+            Ok(read) => read,
+            Err(e) => return self.reject(trigger, format!("reading the config failed: {e}")),
         };
-        let source_hash = hash_sources(&sources);
-        let parsed = Config::from_sources(sources);
-        // TLS files count as content: a rotated certificate is a change.
-        let hash = match &parsed {
-            Ok(config) => hash_with_tls(source_hash, config),
-            Err(_) => source_hash,
+        let initial = match read {
+            Read::Unchanged => {
+                let generation = self.tables.load().generation;
+                tracing::debug!(trigger, generation, "config unchanged");
+                return Outcome::Unchanged { generation };
+            }
+            Read::Rejected { hash, error } => {
+                self.last_hash = hash;
+                return self.reject(trigger, error);
+            }
+            Read::Loaded { hash, initial } => {
+                self.last_hash = hash;
+                initial
+            }
         };
-        if hash == self.last_hash {
-            let generation = self.tables.load().generation;
-            tracing::debug!(trigger, generation, "config unchanged");
-            return Outcome::Unchanged { generation };
-        }
-        self.last_hash = hash;
-        let config = match parsed {
-            Ok(c) => c,
-            Err(e) => return self.reject(trigger, e.to_string()),
-        };
-        let tls = match tls::load_all(&config) {
-            Ok(t) => t,
-            Err(e) => return self.reject(trigger, e.to_string()),
-        };
+        let Initial { config, tls, .. } = initial;
         self.watch_tls_dirs(&tls::files(&config));
 
         let old = self.tables.load_full();
         let generation = old.generation + 1;
-        let mut new = table::compile(&config, &tls, generation, Some(&old));
+        let mut new = match table::compile(&config, &tls, generation, Some(&old)) {
+            Ok(t) => t,
+            Err(e) => return self.reject(trigger, e.to_string()),
+        };
         let retired = table::carry_over(&old, &mut new);
         new.start();
         let new = Arc::new(new);
         self.tables.store(new.clone());
+        table::retire(&old, &new);
         for r in retired {
-            tracing::info!(listener = %r.listener, cluster = %r.cluster, grace = ?r.grace,
-                "route moved by reload: its connections close after the grace");
-            tokio::spawn(async move {
+            tracing::info!(listener = r.listener.as_deref().unwrap_or("-"), cluster = %r.cluster,
+                endpoint = r.endpoint.as_deref().unwrap_or("-"), grace = ?r.grace,
+                "target moved by reload: its connections close after the grace");
+            self.timers.spawn(async move {
                 tokio::time::sleep(r.grace).await;
                 r.token.cancel();
             });
@@ -290,14 +311,65 @@ impl Reloader {
     }
 }
 
-/// Waits until no event came for [`DEBOUNCE`], or [`DEBOUNCE_MAX`] passed.
-async fn debounce(events: &mut mpsc::Receiver<()>) {
-    let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+/// Reads, parses and validates `dir`, and loads its TLS files, unless the
+/// content hash equals `last_hash`. Blocking: run it off the async runtime.
+fn read(dir: &Path, last_hash: u64) -> Read {
+    let sources = match config::read_sources(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            // Hash the error: the same broken directory is reported once.
+            let mut h = DefaultHasher::new();
+            e.to_string().hash(&mut h);
+            let hash = h.finish();
+            if hash == last_hash {
+                return Read::Unchanged;
+            }
+            return Read::Rejected {
+                hash,
+                error: e.to_string(),
+            };
+        }
+    };
+    let source_hash = hash_sources(&sources);
+    let parsed = Config::from_sources(sources);
+    // TLS files count as content: a rotated certificate is a change.
+    let hash = match &parsed {
+        Ok(config) => hash_with_tls(source_hash, config),
+        Err(_) => source_hash,
+    };
+    if hash == last_hash {
+        return Read::Unchanged;
+    }
+    let config = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            return Read::Rejected {
+                hash,
+                error: e.to_string(),
+            };
+        }
+    };
+    match tls::load_all(&config) {
+        Ok(tls) => Read::Loaded {
+            hash,
+            initial: Initial { config, tls, hash },
+        },
+        Err(e) => Read::Rejected {
+            hash,
+            error: e.to_string(),
+        },
+    }
+}
+
+/// Waits until no event came for `quiet`, or [`DEBOUNCE_MAX`] (at least
+/// `quiet`) passed.
+async fn debounce(events: &mut mpsc::Receiver<()>, quiet: Duration) {
+    let until = tokio::time::Instant::now() + DEBOUNCE_MAX.max(quiet);
     loop {
         tokio::select! {
             // Cancel-safe: a lost `recv` only loses a coalesced "changed" mark.
             Some(()) = events.recv() => {}
-            _ = tokio::time::sleep(DEBOUNCE) => return,
+            _ = tokio::time::sleep(quiet) => return,
             _ = tokio::time::sleep_until(until) => return,
         }
     }

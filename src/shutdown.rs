@@ -24,6 +24,21 @@ pub struct Shutdown {
     pub accept_loops: TaskTracker,
     /// Every connection task. Closed when accepting stops; empty means drained.
     pub connections: TaskTracker,
+    /// Tasks that serve connections but are not one: upstream connection
+    /// drivers (pooled, idle between requests). Not waited for by the drain;
+    /// ended by `stop_background` once the connections are gone.
+    pub background: TaskTracker,
+    /// Cancelled after the drain: background tasks end.
+    pub stop_background: CancellationToken,
+}
+
+/// Spawns tasks owned by one phase of the shutdown: each is tracked (so the
+/// drain can wait for it) and ends when `stop` is cancelled. Also hyper's
+/// executor, so the tasks hyper spawns itself (HTTP/2 streams) are owned too.
+#[derive(Clone)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// How long each phase may take.
@@ -36,6 +51,24 @@ pub struct Timing {
 // === impl Shutdown ===
 
 impl Shutdown {
+    /// Tasks that belong to client connections: the drain waits for them,
+    /// `--drain-timeout` ends them.
+    pub fn connection_tasks(&self) -> Tasks {
+        Tasks {
+            tracker: self.connections.clone(),
+            stop: self.force_close.clone(),
+        }
+    }
+
+    /// Tasks that outlive a request but not the process (pooled upstream
+    /// connections): ended once the drain is over.
+    pub fn background_tasks(&self) -> Tasks {
+        Tasks {
+            tracker: self.background.clone(),
+            stop: self.stop_background.clone(),
+        }
+    }
+
     /// Runs the phases once `begun` is cancelled, and returns when legate may exit.
     pub async fn run(&self, timing: Timing) {
         self.begun.cancelled().await;
@@ -65,7 +98,40 @@ impl Shutdown {
             self.force_close.cancel();
             self.connections.wait().await;
         }
+        self.stop_background.cancel();
+        self.background.close();
+        self.background.wait().await;
         tracing::info!("drained, exiting");
+    }
+}
+
+// === impl Tasks ===
+
+impl Tasks {
+    /// Runs `task` until it ends or this phase's stop.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Tasks
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.spawn(async move {
+            fut.await;
+        });
     }
 }
 

@@ -6,7 +6,7 @@
 //! table is published whole through one `ArcSwap`; a connection loads it once
 //! and keeps that snapshot for its whole life.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use crate::config::{
     Config, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, LbPolicy, Protocol, RouteConfig,
     SplitConfig,
 };
-use crate::metrics;
+use crate::metrics::{self, Series};
 use crate::tls::TlsClient;
 use crate::upstream::{Cluster, ClusterSpec};
 
@@ -37,6 +37,8 @@ pub struct Listener {
     pub name: Arc<str>,
     /// As configured; port 0 means "any free port".
     pub addr: SocketAddr,
+    /// Connections open at once before the accept loop pauses.
+    pub max_connections: usize,
     pub kind: ListenerKind,
     pub metrics: metrics::ListenerMetrics,
 }
@@ -44,23 +46,36 @@ pub struct Listener {
 /// What a listener does with its connections.
 pub enum ListenerKind {
     /// Forward the bytes to the target's cluster.
-    Tcp(Target),
+    Tcp(TcpListener),
     /// Serve HTTP/1.1 and h2c; route each request.
     Http(http::HttpListener),
 }
 
-/// Where a listener's new connections go.
-pub enum Target {
-    Cluster(Route),
-    /// Weighted choice per connection. Weights are positive (zero-weight
-    /// entries are dropped at compile time) and `total` is their sum.
-    Split {
-        routes: Box<[(Route, u32)]>,
-        total: u32,
-    },
+/// A TCP listener: where its connections go, and how long one may sit idle.
+pub struct TcpListener {
+    pub target: Target,
+    /// Close a connection that moved no byte either way for this long; `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
-/// One listener → cluster path, and the signal that retires it.
+/// Where a listener's new connections go.
+pub enum Target {
+    Cluster(Arc<Route>),
+    /// Weighted choice per connection.
+    Split(Split),
+}
+
+/// A weighted choice that cannot be empty: `first` always exists, weights are
+/// positive (zero-weight entries are dropped at compile time) and `total` is
+/// their sum, summed in u64 so no config can wrap it.
+pub struct Split {
+    first: (Arc<Route>, u64),
+    rest: Box<[(Arc<Route>, u64)]>,
+    total: u64,
+}
+
+/// One listener → cluster path, and the signal that retires it. A TCP
+/// session holds its route (not the whole table) for its life.
 pub struct Route {
     pub cluster: Arc<Cluster>,
     /// Tried in order when `cluster` has no healthy endpoint.
@@ -72,11 +87,15 @@ pub struct Route {
     pub retired: CancellationToken,
 }
 
-/// A route the new table no longer has, whose connections close after `grace`.
+/// A route or an endpoint the new table no longer has, whose connections
+/// close after `grace`.
 #[derive(Debug)]
 pub struct Retired {
-    pub listener: Arc<str>,
+    /// The listener whose route moved; `None` for an endpoint that left its cluster.
+    pub listener: Option<Arc<str>>,
     pub cluster: Arc<str>,
+    /// The endpoint that left; `None` for a whole route.
+    pub endpoint: Option<Arc<str>>,
     pub grace: std::time::Duration,
     pub token: CancellationToken,
 }
@@ -85,16 +104,23 @@ pub mod http;
 
 // === impl RoutingTable ===
 
-/// Compiles a validated config. Infallible: everything that could be wrong was
-/// rejected by `Config::load`. A cluster whose spec equals one in `previous`
-/// is taken over as is, so its endpoint health, DNS answers and background
-/// tasks carry on across the reload.
+/// A config that passed validation but still cannot be compiled: validation
+/// and compile disagree. Rejected like any invalid config, never a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot compile the configuration: {0} (it passed validation; this is a bug in legate)")]
+pub struct CompileError(String);
+
+/// Compiles a validated config. Validation rejected everything that could be
+/// wrong, but compile does not trust it blindly: a reference it cannot resolve
+/// is an error, not a panic. A cluster whose spec equals one in `previous` is
+/// taken over as is, so its endpoint health, DNS answers and background tasks
+/// carry on across the reload.
 pub fn compile(
     config: &Config,
     tls: &HashMap<String, Arc<TlsClient>>,
     generation: u64,
     previous: Option<&RoutingTable>,
-) -> RoutingTable {
+) -> Result<RoutingTable, CompileError> {
     let m = metrics::get();
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
@@ -108,6 +134,7 @@ pub fn compile(
                 health: c.health.as_ref().map(|h| h.value.clone()),
                 resolver: config.resolver.clone(),
                 http2: c.http2,
+                pool_idle_timeout: c.pool_idle_timeout.0,
                 tls: tls.get(&c.name.value).cloned(),
             };
             let kept = previous
@@ -120,51 +147,61 @@ pub fn compile(
         })
         .collect();
     let by_name: HashMap<&str, &Arc<Cluster>> = clusters.iter().map(|c| (&*c.name, c)).collect();
-    let failover_of: HashMap<&str, Box<[Arc<Cluster>]>> = config
-        .clusters
-        .iter()
-        .map(|c| {
-            let chain = c
-                .failover
-                .iter()
-                .map(|f| Arc::clone(by_name[f.value.as_str()]))
-                .collect();
-            (c.name.value.as_str(), chain)
-        })
-        .collect();
-    let route = |name: &str| Route {
-        cluster: Arc::clone(by_name[name]),
-        failover: failover_of[name].clone(),
-        retired: CancellationToken::new(),
+    let cluster = |name: &str| {
+        by_name
+            .get(name)
+            .map(|c| Arc::clone(c))
+            .ok_or_else(|| CompileError(format!("unknown cluster \"{name}\"")))
     };
-
-    let target =
-        |cluster: &Option<Spanned<String>>, split: &Option<Spanned<Vec<SplitConfig>>>| match (
-            cluster, split,
-        ) {
-            (Some(c), _) => Target::Cluster(route(&c.value)),
+    let mut failover_of: HashMap<&str, Box<[Arc<Cluster>]>> = HashMap::new();
+    for c in &config.clusters {
+        let chain = c
+            .failover
+            .iter()
+            .map(|f| cluster(&f.value))
+            .collect::<Result<_, _>>()?;
+        failover_of.insert(c.name.value.as_str(), chain);
+    }
+    let route = |name: &str| -> Result<Arc<Route>, CompileError> {
+        Ok(Arc::new(Route {
+            cluster: cluster(name)?,
+            failover: failover_of.get(name).cloned().unwrap_or_default(),
+            retired: CancellationToken::new(),
+        }))
+    };
+    let target = |cluster: &Option<Spanned<String>>,
+                  split: &Option<Spanned<Vec<SplitConfig>>>|
+     -> Result<Target, CompileError> {
+        match (cluster, split) {
+            (Some(c), _) => Ok(Target::Cluster(route(&c.value)?)),
             (None, Some(split)) => {
-                let routes: Box<[(Route, u32)]> = split
+                let routes: Vec<(Arc<Route>, u64)> = split
                     .value
                     .iter()
                     .filter(|s| s.weight > 0)
-                    .map(|s| (route(&s.cluster.value), s.weight))
-                    .collect();
-                let total = routes.iter().map(|(_, w)| w).sum();
-                Target::Split { routes, total }
+                    .map(|s| Ok((route(&s.cluster.value)?, u64::from(s.weight))))
+                    .collect::<Result<_, CompileError>>()?;
+                Split::new(routes)
+                    .map(Target::Split)
+                    .ok_or_else(|| CompileError("a split whose weights are all 0".to_string()))
             }
-            (None, None) => unreachable!("validated: a listener or route has a cluster or a split"),
-        };
+            (None, None) => Err(CompileError(
+                "a listener or route with neither cluster nor split".to_string(),
+            )),
+        }
+    };
 
-    let listeners = config
-        .listeners
-        .iter()
-        .map(|l| {
-            let name: Arc<str> = Arc::from(l.name.value.as_str());
-            let kind = match (l.protocol, &l.routes) {
-                (Protocol::Tcp, _) => ListenerKind::Tcp(target(&l.cluster, &l.split)),
-                (Protocol::Http, Some(routes)) => ListenerKind::Http(http::HttpListener {
-                    routes: routes
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let name: Arc<str> = Arc::from(l.name.value.as_str());
+        let kind = match (l.protocol, &l.routes) {
+            (Protocol::Tcp, _) => ListenerKind::Tcp(TcpListener {
+                target: target(&l.cluster, &l.split)?,
+                idle_timeout: l.idle_timeout.map(|t| t.0),
+            }),
+            (Protocol::Http, routes) => {
+                let routes: Box<[http::HttpRoute]> = match routes {
+                    Some(routes) => routes
                         .value
                         .iter()
                         .enumerate()
@@ -178,47 +215,59 @@ pub fn compile(
                                 &name,
                                 route_name,
                                 r,
-                                target(&r.cluster, &r.split),
+                                target(&r.cluster, &r.split)?,
                                 &by_name,
                             )
                         })
-                        .collect(),
-                    access_log: l.access_log,
-                    no_route: m.http_codes(&name, "none", "none")[3].clone(),
-                }),
-                (Protocol::Http, None) => ListenerKind::Http(http::HttpListener {
-                    routes: Box::new([compile_route(
+                        .collect::<Result<_, _>>()?,
+                    None => Box::new([compile_route(
                         &name,
                         Arc::from("0"),
                         &RouteConfig::catch_all(),
-                        target(&l.cluster, &l.split),
+                        target(&l.cluster, &l.split)?,
                         &by_name,
-                    )]),
+                    )?]),
+                };
+                ListenerKind::Http(http::HttpListener {
+                    routes,
                     access_log: l.access_log,
                     no_route: m.http_codes(&name, "none", "none")[3].clone(),
-                }),
-            };
-            Listener {
-                metrics: m.listener(&name),
-                name,
-                addr: l.listen.value.0,
-                kind,
+                    limits: http::ConnLimits {
+                        header_timeout: l.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |t| t.0),
+                        idle_timeout: l.idle_timeout.map_or(DEFAULT_HTTP_IDLE_TIMEOUT, |t| t.0),
+                        max_headers_size: l.max_request_headers_size as usize,
+                    },
+                })
             }
-        })
-        .collect();
+        };
+        listeners.push(Listener {
+            metrics: m.listener(&name),
+            name,
+            addr: l.listen.value.0,
+            max_connections: l.max_connections as usize,
+            kind,
+        });
+    }
 
-    RoutingTable {
+    Ok(RoutingTable {
         generation,
         listeners,
         clusters,
-    }
+    })
 }
+
+/// Default `header_timeout` of HTTP listeners.
+const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default `idle_timeout` of HTTP listeners: below the 60-75 s that common
+/// clients and load balancers keep idle connections, so legate is not the one
+/// surprising them mid-request.
+const DEFAULT_HTTP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Listener {
     /// Every route (listener → cluster path) this listener may use.
-    pub fn routes(&self) -> Box<dyn Iterator<Item = &Route> + '_> {
+    pub fn routes(&self) -> Box<dyn Iterator<Item = &Arc<Route>> + '_> {
         match &self.kind {
-            ListenerKind::Tcp(t) => Box::new(t.routes()),
+            ListenerKind::Tcp(t) => Box::new(t.target.routes()),
             ListenerKind::Http(h) => Box::new(h.routes.iter().flat_map(|r| r.target.routes())),
         }
     }
@@ -231,6 +280,47 @@ impl RoutingTable {
         for c in &self.clusters {
             c.start();
         }
+    }
+
+    /// The metric series that exist because of this table's objects.
+    pub fn series(&self) -> HashSet<Series> {
+        let mut series = HashSet::new();
+        for l in &self.listeners {
+            series.insert(Series::Listener(l.name.clone()));
+            for route in l.routes() {
+                for to in route.failover.iter() {
+                    series.insert(Series::Failover {
+                        cluster: route.cluster.name.clone(),
+                        to: to.name.clone(),
+                    });
+                }
+            }
+            if let ListenerKind::Http(h) = &l.kind {
+                for r in h.routes.iter() {
+                    series.insert(Series::Route {
+                        listener: l.name.clone(),
+                        route: r.name.clone(),
+                    });
+                    for (cluster, _) in r.metrics.by_cluster.iter() {
+                        series.insert(Series::RouteCluster {
+                            listener: l.name.clone(),
+                            route: r.name.clone(),
+                            cluster: cluster.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for c in &self.clusters {
+            series.insert(Series::Cluster(c.name.clone()));
+            for e in c.endpoints().iter() {
+                series.insert(Series::Endpoint {
+                    cluster: c.name.clone(),
+                    endpoint: e.label.clone(),
+                });
+            }
+        }
+        series
     }
 
     pub fn listener(&self, name: &str) -> Option<&Listener> {
@@ -247,15 +337,24 @@ impl RoutingTable {
                 let mut v = json!({
                     "name": &*l.name,
                     "listen": l.addr.to_string(),
+                    "max_connections": l.max_connections,
                 });
                 match &l.kind {
-                    ListenerKind::Tcp(target) => {
+                    ListenerKind::Tcp(tcp) => {
                         v["protocol"] = json!("tcp");
-                        merge_json(&mut v, describe_target(target));
+                        merge_json(&mut v, describe_target(&tcp.target));
+                        if let Some(t) = tcp.idle_timeout {
+                            v["idle_timeout"] = json!(humantime::format_duration(t).to_string());
+                        }
                     }
                     ListenerKind::Http(h) => {
                         v["protocol"] = json!("http");
                         v["access_log"] = json!(h.access_log);
+                        v["header_timeout"] =
+                            json!(humantime::format_duration(h.limits.header_timeout).to_string());
+                        v["idle_timeout"] =
+                            json!(humantime::format_duration(h.limits.idle_timeout).to_string());
+                        v["max_request_headers_size"] = json!(h.limits.max_headers_size);
                         v["routes"] = h.routes.iter().map(describe_route).collect();
                     }
                 }
@@ -325,9 +424,9 @@ impl RoutingTable {
 fn describe_target(target: &Target) -> serde_json::Value {
     match target {
         Target::Cluster(r) => json!({ "cluster": &*r.cluster.name }),
-        Target::Split { routes, .. } => json!({
-            "split": routes
-                .iter()
+        Target::Split(split) => json!({
+            "split": split
+                .weighted()
                 .map(|(r, w)| json!({ "cluster": &*r.cluster.name, "weight": w }))
                 .collect::<Vec<_>>()
         }),
@@ -397,7 +496,22 @@ fn compile_route(
     r: &RouteConfig,
     target: Target,
     clusters: &HashMap<&str, &Arc<Cluster>>,
-) -> http::HttpRoute {
+) -> Result<http::HttpRoute, CompileError> {
+    let mirror = match &r.mirror {
+        Some(mirror) => {
+            let cluster = clusters.get(mirror.value.cluster.as_str()).ok_or_else(|| {
+                CompileError(format!(
+                    "unknown mirror cluster \"{}\"",
+                    mirror.value.cluster
+                ))
+            })?;
+            Some(http::Mirror {
+                cluster: Arc::clone(cluster),
+                fraction: mirror.value.percent / 100.0,
+            })
+        }
+        None => None,
+    };
     let m = metrics::get();
     let mut reachable: Vec<Arc<str>> = Vec::new();
     for route in target.routes() {
@@ -415,7 +529,7 @@ fn compile_route(
         })
         .collect();
     let matches = &r.matches;
-    http::HttpRoute {
+    Ok(http::HttpRoute {
         matches: http::RouteMatch {
             host: matches.host.as_ref().map(|h| match h.strip_prefix('*') {
                 Some(suffix) => http::HostMatch::Suffix(suffix.to_ascii_lowercase().into()),
@@ -460,16 +574,13 @@ fn compile_route(
         timeout: r.timeout.map_or(DEFAULT_HTTP_TIMEOUT, |t| t.0),
         retries: r.retries,
         budget: http::RetryBudget::default(),
-        mirror: r.mirror.as_ref().map(|mirror| http::Mirror {
-            cluster: Arc::clone(clusters[mirror.value.cluster.as_str()]),
-            fraction: mirror.value.percent / 100.0,
-        }),
+        mirror,
         metrics: http::RouteMetrics {
             seconds: m.http_request_seconds.with_label_values(&[listener, &name]),
             by_cluster,
         },
         name,
-    }
+    })
 }
 
 /// Default route timeout (until the response head), as in Envoy.
@@ -496,89 +607,162 @@ fn header_ops(ops: &HeaderOpsConfig) -> http::HeaderOps {
 }
 
 /// Carries the retire tokens of routes that survive from `old` into `new`, and
-/// returns the routes of `old` that `new` no longer has and whose cluster asks
-/// for `drain_on_change`. A route survives when the same listener still sends to
-/// a cluster of the same name with the same endpoints (a weight change alone
-/// keeps it). Pure: the caller schedules the returned retirements.
+/// returns what `new` no longer has whose cluster asks for `drain_on_change`:
+/// - a route, when its listener stays but no longer sends to that cluster
+///   (another cluster, or a split weight of 0); all its connections close;
+/// - an endpoint, when its cluster stays but the endpoint left the cluster's
+///   list; only connections to that endpoint close, so adding an endpoint (a
+///   scale-out) closes nothing.
+///
+/// A route survives when the same listener still sends to a cluster of the
+/// same name. A listener that left the config drains on its own: its app cannot
+/// reconnect to it anyway. Pure: the caller schedules the returned retirements.
 pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
     let mut retired = Vec::new();
     for old_listener in &old.listeners {
-        let new_listener = new
-            .listeners
-            .iter_mut()
-            .find(|l| l.name == old_listener.name);
-        let listener_stays = new_listener.is_some();
-        let mut new_routes: Vec<&mut Route> = match new_listener {
-            Some(l) => match &mut l.kind {
-                ListenerKind::Tcp(target) => target.routes_mut().collect(),
-                // HTTP requests are short and each reads the current table: nothing to drain.
-                ListenerKind::Http(_) => Vec::new(),
-            },
-            None => Vec::new(),
-        };
-        let ListenerKind::Tcp(old_target) = &old_listener.kind else {
+        let ListenerKind::Tcp(old_tcp) = &old_listener.kind else {
+            // HTTP requests are short and each reads the current table: nothing to drain.
             continue;
         };
-        for old_route in old_target.routes() {
-            let survivor = new_routes
+        let Some(new_listener) = new
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == old_listener.name)
+        else {
+            continue;
+        };
+        let mut new_routes: Vec<&mut Arc<Route>> = match &mut new_listener.kind {
+            ListenerKind::Tcp(tcp) => tcp.target.routes_mut().collect(),
+            ListenerKind::Http(_) => Vec::new(),
+        };
+        for old_route in old_tcp.target.routes() {
+            match new_routes
                 .iter_mut()
-                .find(|r| r.cluster.same_target(&old_route.cluster));
-            match survivor {
-                Some(r) => r.retired = old_route.retired.clone(),
-                // A listener that left the config drains on its own: its app cannot reconnect to it.
-                None if listener_stays => {
+                .find(|r| r.cluster.name == old_route.cluster.name)
+            {
+                Some(r) => {
+                    **r = Arc::new(Route {
+                        cluster: r.cluster.clone(),
+                        failover: r.failover.clone(),
+                        retired: old_route.retired.clone(),
+                    })
+                }
+                None => {
                     if let Some(grace) = old_route.cluster.spec().drain_on_change {
                         retired.push(Retired {
-                            listener: old_listener.name.clone(),
+                            listener: Some(old_listener.name.clone()),
                             cluster: old_route.cluster.name.clone(),
+                            endpoint: None,
                             grace,
                             token: old_route.retired.clone(),
                         });
                     }
                 }
-                None => {}
+            }
+        }
+    }
+    for old_cluster in &old.clusters {
+        let Some(grace) = old_cluster.spec().drain_on_change else {
+            continue;
+        };
+        let Some(new_cluster) = new.clusters.iter().find(|c| c.name == old_cluster.name) else {
+            // Gone from the config: the routes that used it were retired above.
+            continue;
+        };
+        if Arc::ptr_eq(old_cluster, new_cluster) {
+            continue;
+        }
+        for endpoint in old_cluster.endpoints().iter() {
+            if !new_cluster.lists(endpoint) {
+                retired.push(Retired {
+                    listener: None,
+                    cluster: old_cluster.name.clone(),
+                    endpoint: Some(endpoint.label.clone()),
+                    grace,
+                    token: endpoint.retired.clone(),
+                });
             }
         }
     }
     retired
 }
 
+/// Ends what `old` had and the published `new` does not: clusters that are
+/// not carried over stop their DNS and health tasks now (connections still
+/// open through them are not touched), and the metric series of removed
+/// listeners, routes, clusters and endpoints are removed.
+pub fn retire(old: &RoutingTable, new: &RoutingTable) {
+    for c in &old.clusters {
+        if !new.clusters.iter().any(|n| Arc::ptr_eq(n, c)) {
+            c.retire();
+        }
+    }
+    let kept = new.series();
+    for gone in old.series().difference(&kept) {
+        metrics::get().remove(gone);
+    }
+}
+
 // === impl Target ===
 
 impl Target {
     /// The route for one new connection.
-    pub fn pick(&self) -> &Route {
+    pub fn pick(&self) -> &Arc<Route> {
         match self {
             Target::Cluster(r) => r,
-            Target::Split { routes, total } => {
-                let mut ticket = rand::random_range(0..*total);
-                for (route, weight) in routes.iter() {
-                    if ticket < *weight {
-                        return route;
-                    }
-                    ticket -= weight;
-                }
-                // Unreachable while `total` is the sum of the weights; stay total anyway.
-                &routes[routes.len() - 1].0
-            }
+            Target::Split(split) => split.pick(),
         }
     }
 
     /// Every route this target may pick.
-    pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        let (single, split) = match self {
-            Target::Cluster(r) => (Some(r), &[][..]),
-            Target::Split { routes, .. } => (None, &routes[..]),
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        let (single, rest) = match self {
+            Target::Cluster(r) => (r, &[][..]),
+            Target::Split(s) => (&s.first.0, &s.rest[..]),
         };
-        single.into_iter().chain(split.iter().map(|(r, _)| r))
+        std::iter::once(single).chain(rest.iter().map(|(r, _)| r))
     }
 
-    fn routes_mut(&mut self) -> impl Iterator<Item = &mut Route> {
-        let (single, split) = match self {
-            Target::Cluster(r) => (Some(r), &mut [][..]),
-            Target::Split { routes, .. } => (None, &mut routes[..]),
+    fn routes_mut(&mut self) -> impl Iterator<Item = &mut Arc<Route>> {
+        let (single, rest) = match self {
+            Target::Cluster(r) => (r, &mut [][..]),
+            Target::Split(s) => (&mut s.first.0, &mut s.rest[..]),
         };
-        single.into_iter().chain(split.iter_mut().map(|(r, _)| r))
+        std::iter::once(single).chain(rest.iter_mut().map(|(r, _)| r))
+    }
+}
+
+// === impl Split ===
+
+impl Split {
+    /// `None` when no route has a positive weight.
+    fn new(routes: Vec<(Arc<Route>, u64)>) -> Option<Split> {
+        let mut routes = routes.into_iter().filter(|(_, w)| *w > 0);
+        let first = routes.next()?;
+        let rest: Box<[(Arc<Route>, u64)]> = routes.collect();
+        let total = rest
+            .iter()
+            .fold(first.1, |sum, (_, w)| sum.saturating_add(*w));
+        Some(Split { first, rest, total })
+    }
+
+    fn pick(&self) -> &Arc<Route> {
+        let mut ticket = rand::random_range(0..self.total);
+        for (route, weight) in std::iter::once(&self.first).chain(self.rest.iter()) {
+            if ticket < *weight {
+                return route;
+            }
+            ticket -= weight;
+        }
+        // Unreachable while `total` is the sum of the weights.
+        &self.first.0
+    }
+
+    /// Each route with its weight, in config order.
+    pub fn weighted(&self) -> impl Iterator<Item = (&Arc<Route>, u64)> {
+        std::iter::once(&self.first)
+            .chain(self.rest.iter())
+            .map(|(r, w)| (r, *w))
     }
 }
 

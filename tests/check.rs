@@ -10,6 +10,11 @@ clusters:
     endpoints: [ "127.0.0.1:5432" ]
 "#;
 
+const LISTENER: &str = r#"
+listeners:
+  - { name: app, listen: 127.0.0.1:0, cluster: db }
+"#;
+
 /// Runs `legate check` on `files` and returns stderr, asserting exit 1.
 fn rejected(files: &[(&str, &str)]) -> String {
     let dir = config_dir(files);
@@ -196,7 +201,7 @@ fn unset_variable_without_default_is_rejected() {
 fn variables_and_defaults_are_interpolated() {
     let dir = config_dir(&[(
         "routes.yaml",
-        "clusters:\n  - name: db\n    endpoints: [ \"${LEGATE_TEST_HOST:-127.0.0.9}:${LEGATE_TEST_PORT}\" ]\n",
+        "listeners:\n  - { name: app, listen: 127.0.0.1:0, cluster: db }\nclusters:\n  - name: db\n    endpoints: [ \"${LEGATE_TEST_HOST:-127.0.0.9}:${LEGATE_TEST_PORT}\" ]\n",
     )]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
         .args(["check", "--config"])
@@ -259,14 +264,15 @@ fn missing_directory_is_an_error_not_a_panic() {
 }
 
 /// Only *.yaml / *.yml count; hidden kubelet entries and other files are ignored;
-/// an empty file is a valid, empty config.
+/// a file with only comments adds nothing.
 #[test]
 fn only_yaml_files_are_read() {
     let dir = config_dir(&[
         ("notes.txt", "this: is not yaml config ["),
         (".hidden.yaml", "garbage: ["),
-        ("empty.yaml", "# nothing here yet\n"),
+        ("comments.yaml", "# nothing here yet\n"),
         ("routes.yml", CLUSTER),
+        ("listeners.yaml", LISTENER),
     ]);
     let (ok, stdout, stderr) = check(dir.path());
     assert!(ok, "{stderr}");
@@ -359,7 +365,7 @@ fn tls_errors_name_the_cluster_and_file() {
 
     let err = rejected(&[(
         "routes.yaml",
-        "clusters:\n  - name: db\n    endpoints: [ \"db.internal:5432\" ]\n    tls: { ca: /nonexistent/ca.pem }\n",
+        "clusters:\n  - name: db\n    endpoints: [ \"db.internal:5432\" ]\n    tls: { ca: /nonexistent/ca.pem }\nlisteners:\n  - { name: app, listen: 127.0.0.1:0, cluster: db }\n",
     )]);
     assert!(
         err.contains(r#"routes.yaml:4:10: cluster "db": tls: /nonexistent/ca.pem: cannot read"#),

@@ -1,9 +1,10 @@
-//! `${VAR}` and `${VAR:-default}` interpolation of a config file's text,
+//! `${VAR}`, `${VAR:-default}` and `${VAR-default}` interpolation of a config file's text,
 //! before parsing. Comments are left alone; errors point at the variable.
 
 use super::*;
 
-/// Replaces `${VAR}` and `${VAR:-default}` with values from `env`; `$${` is a literal `${`.
+/// Replaces `${VAR}`, `${VAR:-default}` (default when unset or empty) and
+/// `${VAR-default}` (default only when unset) with values from `env`; `$${` is a literal `${`.
 /// An unset variable without default is an error at its position. Comments
 /// are left as written: documenting `${ENV}` in a comment must not require it.
 pub(super) fn interpolate(
@@ -68,9 +69,14 @@ pub(super) fn interpolate_text(
             ));
         };
         let expr = &tail[2..end];
-        let (name, default) = match expr.split_once(":-") {
-            Some((name, default)) => (name, Some(default)),
-            None => (expr, None),
+        // `${VAR:-d}`: d when VAR is unset or empty, as in the shell;
+        // `${VAR-d}`: d only when VAR is unset.
+        let (name, default, empty_is_unset) = match expr.split_once(":-") {
+            Some((name, default)) => (name, Some(default), true),
+            None => match expr.split_once('-') {
+                Some((name, default)) => (name, Some(default), false),
+                None => (expr, None, false),
+            },
         };
         let valid_name = !name.is_empty()
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -83,7 +89,8 @@ pub(super) fn interpolate_text(
                 format!("invalid variable name \"{name}\" in \"${{{expr}}}\""),
             ));
         }
-        match (env(name), default) {
+        let value = env(name).filter(|v| !(empty_is_unset && v.is_empty()));
+        match (value, default) {
             (Some(value), _) => out.push_str(&value),
             (None, Some(default)) => out.push_str(default),
             (None, None) => {

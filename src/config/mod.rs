@@ -68,6 +68,20 @@ pub struct ListenerConfig {
     /// HTTP listeners: one JSON line per request at info level. Default false.
     #[serde(default)]
     pub access_log: bool,
+    /// Connections open at once; at the limit legate stops accepting and the
+    /// kernel's backlog holds new ones. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// HTTP: the whole request head must arrive within this after its first
+    /// byte, or the connection is closed. Default 10s.
+    pub header_timeout: Option<HumanDuration>,
+    /// HTTP: a keep-alive connection with no request in flight is closed after
+    /// this (default 60s). TCP: a connection that moved no byte either way for
+    /// this long is closed (default: never).
+    pub idle_timeout: Option<HumanDuration>,
+    /// HTTP: the largest request head in bytes; a bigger one gets 431. Default 65536.
+    #[serde(default = "default_max_request_headers_size")]
+    pub max_request_headers_size: u32,
 }
 
 /// One HTTP route.
@@ -172,7 +186,7 @@ pub struct MirrorConfig {
 #[serde(deny_unknown_fields)]
 pub struct SplitConfig {
     pub cluster: Spanned<String>,
-    /// Relative weight; 0 takes the cluster out of rotation.
+    /// Relative weight, 0 to 1,000,000; 0 takes the cluster out of rotation.
     pub weight: u32,
 }
 
@@ -205,6 +219,10 @@ pub struct ClusterConfig {
     /// HTTP clusters: speak cleartext HTTP/2 (h2c) to the endpoints. Default false.
     #[serde(default)]
     pub http2: bool,
+    /// HTTP clusters: a pooled connection unused this long is closed, before
+    /// the upstream's own keep-alive timeout can race a request on it. Default 60s.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout: HumanDuration,
     /// Originate TLS (or mTLS) to the endpoints.
     pub tls: Option<Spanned<TlsConfig>>,
 }
@@ -348,6 +366,15 @@ struct FileConfig {
     clusters: Vec<ClusterConfig>,
 }
 
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_request_headers_size() -> u32 {
+    64 * 1024
+}
+fn default_pool_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
@@ -425,7 +452,40 @@ impl Config {
 /// the kubelet swaps atomically. Reading each symlink separately could mix two
 /// versions if a swap lands in between, so when `..data` exists the files are
 /// read from the one directory it resolved to. Errors still name the visible path.
+///
+/// A read that races the kubelet (a file or `..data` vanishing between listing
+/// and reading, or no file at all) is tried once more after a short pause
+/// before it counts: the swap is a rename and finishes within microseconds. A
+/// directory with no config file is an error, never an empty config.
 pub fn read_sources(dir: &Path) -> Result<Vec<(PathBuf, std::io::Result<String>)>, ConfigError> {
+    let raced = |sources: &[(PathBuf, std::io::Result<String>)]| {
+        sources.is_empty()
+            || sources.iter().any(|(_, r)| {
+                r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            })
+    };
+    let mut sources = read_once(dir)?;
+    if raced(&sources) {
+        std::thread::sleep(RACE_RETRY);
+        sources = read_once(dir)?;
+    }
+    if sources.is_empty() {
+        return Err(ConfigError::single(
+            dir,
+            0,
+            0,
+            "no *.yaml or *.yml file in the config directory (an empty read is never a config)"
+                .to_string(),
+        ));
+    }
+    Ok(sources)
+}
+
+/// Pause before reading again a directory that looked mid-swap.
+const RACE_RETRY: Duration = Duration::from_millis(50);
+
+fn read_once(dir: &Path) -> Result<Vec<(PathBuf, std::io::Result<String>)>, ConfigError> {
     let files = config_files(dir).map_err(|e| ConfigError::single(dir, 0, 0, e))?;
     let data_dir = std::fs::canonicalize(dir.join("..data")).ok();
     Ok(files
@@ -456,9 +516,12 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
         if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
             continue;
         }
-        // `metadata` follows symlinks, as the kubelet's visible files are.
-        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
-            files.push(entry.path());
+        // `metadata` follows symlinks, as the kubelet's visible files are. A
+        // dangling link is kept: reading it fails, and that failure is reported.
+        match std::fs::metadata(entry.path()) {
+            Ok(m) if m.is_file() => files.push(entry.path()),
+            Ok(_) => {}
+            Err(_) => files.push(entry.path()),
         }
     }
     files.sort();
@@ -467,9 +530,19 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Interpolates and parses one file. The returned diagnostic has no file name yet.
 fn parse_file(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<FileConfig, Diagnostic> {
+    if text.trim().is_empty() {
+        // A truncated or half-written read, or a key emptied by mistake: never
+        // a config that would close every listener.
+        return Err(Diagnostic::new(
+            Path::new(""),
+            0,
+            0,
+            "file is empty (an empty read is never a config)".to_string(),
+        ));
+    }
     let text = interpolate(text, env)?;
     if is_blank_yaml(&text) {
-        // An empty ConfigMap key is a valid, empty file.
+        // Only comments: a deliberate file that adds nothing.
         return Ok(FileConfig::default());
     }
     serde_saphyr::from_str::<FileConfig>(&text).map_err(|e| {

@@ -14,6 +14,7 @@ pub(super) fn merge(
     let mut listener_files = Vec::new();
     let mut cluster_files = Vec::new();
     let mut resolver: Option<(PathBuf, Spanned<ResolverConfig>)> = None;
+    let first_file = files.first().map(|(p, _)| p.clone());
     for (path, file) in files {
         if let Some(r) = file.resolver {
             match &resolver {
@@ -66,24 +67,54 @@ pub(super) fn merge(
                 format!("field \"endpoints\": cluster \"{name}\" needs at least one endpoint"),
             );
         }
+        in_range(
+            &mut at,
+            file,
+            &c.name.referenced,
+            "connect_timeout",
+            c.connect_timeout.0,
+            CONNECT_TIMEOUT,
+        );
+        in_range(
+            &mut at,
+            file,
+            &c.name.referenced,
+            "pool_idle_timeout",
+            c.pool_idle_timeout.0,
+            IDLE_TIMEOUT,
+        );
+        if let Some(grace) = c.drain_on_change {
+            in_range(
+                &mut at,
+                file,
+                &c.name.referenced,
+                "drain_on_change",
+                grace.0,
+                DRAIN_GRACE,
+            );
+        }
         if let Some(h) = &c.health {
             let loc = &h.referenced;
             let h = &h.value;
-            if h.unhealthy == 0 || h.healthy == 0 {
-                at(
-                    file,
-                    loc,
-                    "field \"health\": unhealthy and healthy thresholds must be at least 1"
-                        .to_string(),
-                );
+            for (field, n) in [("unhealthy", h.unhealthy), ("healthy", h.healthy)] {
+                if !(1..=MAX_THRESHOLD).contains(&n) {
+                    at(
+                        file,
+                        loc,
+                        format!("field \"{field}\": {n} is out of range (1 to {MAX_THRESHOLD})"),
+                    );
+                }
             }
-            if h.interval.0.is_zero() || h.timeout.0.is_zero() {
-                at(
-                    file,
-                    loc,
-                    "field \"health\": interval and timeout must be above 0".to_string(),
-                );
-            } else if h.timeout.0 > h.interval.0 {
+            let interval_ok = in_range(
+                &mut at,
+                file,
+                loc,
+                "interval",
+                h.interval.0,
+                HEALTH_INTERVAL,
+            );
+            let timeout_ok = in_range(&mut at, file, loc, "timeout", h.timeout.0, PROBE_TIMEOUT);
+            if interval_ok && timeout_ok && h.timeout.0 > h.interval.0 {
                 at(
                     file,
                     loc,
@@ -170,7 +201,27 @@ pub(super) fn merge(
             }
         }
     }
+    let ttls_ok = resolver.as_ref().is_none_or(|(file, r)| {
+        let min = in_range(
+            &mut at,
+            file,
+            &r.referenced,
+            "min_ttl",
+            r.value.min_ttl.0,
+            TTL,
+        );
+        let max = in_range(
+            &mut at,
+            file,
+            &r.referenced,
+            "max_ttl",
+            r.value.max_ttl.0,
+            TTL,
+        );
+        min && max
+    });
     if let Some((file, r)) = &resolver
+        && ttls_ok
         && r.value.min_ttl.0 > r.value.max_ttl.0
     {
         at(
@@ -281,6 +332,47 @@ pub(super) fn merge(
                 );
             }
         }
+        let owner = &l.name.referenced;
+        if !(1..=MAX_CONNECTIONS).contains(&l.max_connections) {
+            at(
+                file,
+                owner,
+                format!(
+                    "field \"max_connections\": {} is out of range (1 to {MAX_CONNECTIONS})",
+                    l.max_connections
+                ),
+            );
+        }
+        if let Some(t) = l.idle_timeout {
+            in_range(&mut at, file, owner, "idle_timeout", t.0, IDLE_TIMEOUT);
+        }
+        if is_http {
+            if let Some(t) = l.header_timeout {
+                in_range(&mut at, file, owner, "header_timeout", t.0, HEADER_TIMEOUT);
+            }
+            if !HEADERS_SIZE.contains(&l.max_request_headers_size) {
+                at(
+                    file,
+                    owner,
+                    format!(
+                        "field \"max_request_headers_size\": {} is out of range ({} to {} bytes)",
+                        l.max_request_headers_size,
+                        HEADERS_SIZE.start(),
+                        HEADERS_SIZE.end()
+                    ),
+                );
+            }
+        } else if l.header_timeout.is_some()
+            || l.max_request_headers_size != super::default_max_request_headers_size()
+        {
+            at(
+                file,
+                owner,
+                format!(
+                    "listener \"{name}\": header_timeout and max_request_headers_size are for protocol: http"
+                ),
+            );
+        }
         if l.access_log && !is_http {
             at(
                 file,
@@ -290,12 +382,77 @@ pub(super) fn merge(
         }
     }
 
+    if listeners.is_empty() && diagnostics.is_empty() {
+        // A table without listeners would close every port the app uses.
+        diagnostics.push(Diagnostic::new(
+            first_file.as_deref().unwrap_or(Path::new("config")),
+            0,
+            0,
+            "no listener is defined in any file (an empty config is never applied)".to_string(),
+        ));
+    }
+
     Config {
         resolver: resolver.map(|(_, r)| r.value).unwrap_or_default(),
         listeners,
         clusters,
         cluster_files,
     }
+}
+
+/// The range a duration may take: outside it a value cannot be scheduled
+/// safely (an interval of 1ns spins a core, one of 2^64 s overflows the clock).
+pub(super) type DurationRange = (Duration, Duration);
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+
+pub(super) const HEALTH_INTERVAL: DurationRange = (ms(10), secs(HOUR));
+pub(super) const PROBE_TIMEOUT: DurationRange = (ms(1), secs(HOUR));
+pub(super) const CONNECT_TIMEOUT: DurationRange = (ms(1), secs(300));
+pub(super) const DRAIN_GRACE: DurationRange = (Duration::ZERO, secs(DAY));
+pub(super) const TTL: DurationRange = (ms(100), secs(DAY));
+pub(super) const ROUTE_TIMEOUT: DurationRange = (ms(1), secs(DAY));
+pub(super) const HEADER_TIMEOUT: DurationRange = (ms(10), secs(HOUR));
+pub(super) const IDLE_TIMEOUT: DurationRange = (ms(10), secs(7 * DAY));
+/// Split weights: a sum of up to 1,000 entries stays far below u64's range.
+pub(super) const MAX_WEIGHT: u32 = 1_000_000;
+pub(super) const MAX_THRESHOLD: u32 = 1000;
+pub(super) const MAX_RETRIES: u32 = 10;
+pub(super) const MAX_CONNECTIONS: u32 = 1_000_000;
+/// hyper cannot buffer less than 8 KiB for a head.
+pub(super) const HEADERS_SIZE: std::ops::RangeInclusive<u32> = 8192..=1024 * 1024;
+
+/// Whether `value` of `field` lies in `range`; reports it when it does not.
+fn in_range(
+    at: &mut impl FnMut(&Path, &Location, String),
+    file: &Path,
+    loc: &Location,
+    field: &str,
+    value: Duration,
+    (min, max): DurationRange,
+) -> bool {
+    if value >= min && value <= max {
+        return true;
+    }
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    at(
+        file,
+        loc,
+        format!(
+            "field \"{field}\": {} is out of range ({} to {})",
+            show(value),
+            show(min),
+            show(max)
+        ),
+    );
+    false
 }
 
 /// Records where `key` is first seen; for a later occurrence returns that
@@ -354,6 +511,15 @@ pub(super) fn check_target(
                     file,
                     &split.referenced,
                     "field \"split\": needs at least one { cluster, weight }".to_string(),
+                );
+            } else if let Some(s) = split.value.iter().find(|s| s.weight > MAX_WEIGHT) {
+                at(
+                    file,
+                    &s.cluster.referenced,
+                    format!(
+                        "field \"weight\": {} is out of range (0 to {MAX_WEIGHT})",
+                        s.weight
+                    ),
                 );
             } else if split.value.iter().all(|s| s.weight == 0) {
                 at(
@@ -517,8 +683,18 @@ pub(super) fn check_route(
             }
         }
     }
-    if r.timeout.is_some_and(|t| t.0.is_zero()) {
-        at(file, loc, "field \"timeout\": must be above 0".to_string());
+    if let Some(t) = r.timeout {
+        in_range(at, file, loc, "timeout", t.0, ROUTE_TIMEOUT);
+    }
+    if r.retries > MAX_RETRIES {
+        at(
+            file,
+            loc,
+            format!(
+                "field \"retries\": {} is out of range (0 to {MAX_RETRIES})",
+                r.retries
+            ),
+        );
     }
     if let Some(mirror) = &r.mirror {
         if !cluster_names.contains_key(mirror.value.cluster.as_str()) {

@@ -6,19 +6,36 @@
 //! stops accepting (shutdown, or removal by a reload) the connection is shut
 //! down gracefully: in-flight requests finish, HTTP/1.1 answers the next
 //! response with `Connection: close`, HTTP/2 sends GOAWAY.
+//!
+//! The connection owns its timeouts ([`ConnLimits`]): a request head must
+//! arrive within `header_timeout` of its first byte (slowloris), and a
+//! connection with no request in flight is closed after `idle_timeout`. One
+//! watchdog per connection reads three atomics that the connection's reads and
+//! requests keep current, and sleeps until the nearest deadline, so a busy
+//! connection pays a few relaxed stores per request and no timer per request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::shutdown::Tasks;
 use crate::table::RoutingTable;
+use crate::table::http::ConnLimits;
+use crate::upstream::health::now_ms;
+use crate::upstream::pool::ProxyBody;
 
 pub mod proxy;
 
@@ -27,24 +44,287 @@ pub struct Conn {
     pub listener: Arc<str>,
     pub client: SocketAddr,
     pub tables: Arc<ArcSwap<RoutingTable>>,
+    /// Where this connection's own tasks run (tunnels, mirrors, HTTP/2
+    /// streams): the drain waits for them.
+    pub tasks: Tasks,
+    /// Where upstream connection drivers run: pooled beyond this connection.
+    pub drivers: Tasks,
 }
 
-/// Serves one accepted connection until it ends, or closes it gracefully once
-/// `stop` is cancelled.
-pub async fn serve(stream: TcpStream, conn: Conn, stop: CancellationToken) {
+/// Serves one accepted connection until it ends, its head or idle timeout
+/// passes, or `stop` is cancelled (then it closes gracefully).
+pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: CancellationToken) {
+    let activity = Arc::new(Activity::new());
+    let mut builder = auto::Builder::new(conn.tasks.clone());
+    // hyper answers a head past this with 431 (it cannot go below 8 KiB).
+    builder
+        .http1()
+        .max_buf_size(limits.max_headers_size.max(8192));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(limits.max_headers_size).unwrap_or(u32::MAX));
     let conn = Arc::new(conn);
+    let requests = activity.clone();
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(req, conn).await) }
+        let in_flight = InFlight::start(requests.clone());
+        async move {
+            let response = proxy::handle(req, conn).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
+        }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {
-        _ = served.as_mut() => {}
-        _ = stop.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            let _ = served.await;
+        _ = served.as_mut() => return,
+        expired = activity.expired(limits) => match expired {
+            // A head that never completes: nothing to be graceful about.
+            Expired::Head => {
+                tracing::debug!("closing connection: request head not received within header_timeout");
+                return;
+            }
+            Expired::Idle => tracing::debug!("closing connection: idle_timeout"),
+        },
+        _ = stop.cancelled() => {}
+    }
+    served.as_mut().graceful_shutdown();
+    // Idle or closing: what is in flight finishes, within the idle timeout.
+    let _ = tokio::time::timeout(limits.idle_timeout, served).await;
+}
+
+/// What one connection's watchdog reads.
+struct Activity {
+    /// Requests whose response has not been fully sent.
+    in_flight: AtomicUsize,
+    /// [`now_ms`] when the last request finished (or the connection opened).
+    idle_since: AtomicU64,
+    /// [`now_ms`] of the first byte of a request head still being read; 0: none.
+    /// Only tracked for HTTP/1.x: an idle HTTP/2 connection still receives
+    /// pings and settings, which are not requests.
+    head_since: AtomicU64,
+    /// Set from the first bytes: HTTP/2 prior knowledge starts with "PRI".
+    http2: std::sync::atomic::AtomicBool,
+    /// Whether the first bytes were seen.
+    sniffed: std::sync::atomic::AtomicBool,
+}
+
+/// Which deadline passed.
+#[derive(Debug, PartialEq, Eq)]
+enum Expired {
+    Head,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(now_ms()),
+            head_since: AtomicU64::new(0),
+            http2: false.into(),
+            sniffed: false.into(),
         }
+    }
+
+    /// Bytes arrived: when no request is in flight they begin the next head.
+    fn read(&self, bytes: &[u8]) {
+        if !self.sniffed.load(Ordering::Relaxed) {
+            self.sniffed.store(true, Ordering::Relaxed);
+            self.http2
+                .store(bytes.starts_with(b"PRI"), Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.http2.load(Ordering::Relaxed)
+        {
+            // max(1): 0 means "no head".
+            self.head_since.store(now_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Returns when a deadline passes: a head incomplete for
+    /// `header_timeout`, or no request in flight for `idle_timeout`.
+    async fn expired(&self, limits: ConnLimits) -> Expired {
+        let (head_ms, idle_ms) = (
+            limits.header_timeout.as_millis() as u64,
+            limits.idle_timeout.as_millis() as u64,
+        );
+        loop {
+            let now = now_ms();
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // Busy: the route timeout governs; look again later.
+                idle_ms
+            } else {
+                let head = self.head_since.load(Ordering::Relaxed);
+                if head != 0 {
+                    let deadline = head + head_ms;
+                    if now >= deadline {
+                        return Expired::Head;
+                    }
+                    deadline - now
+                } else {
+                    let deadline = self.idle_since.load(Ordering::Relaxed) + idle_ms;
+                    if now >= deadline {
+                        return Expired::Idle;
+                    }
+                    deadline - now
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+        }
+    }
+}
+
+/// Counts one request as in flight from its head until its response body is
+/// done (or dropped).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.head_since.store(0, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+struct Tracked {
+    body: ProxyBody,
+    /// Dropped with the body: the request is done.
+    _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::upstream::pool::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client socket, telling the watchdog when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            self.activity.read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ConnLimits {
+        ConnLimits {
+            header_timeout: Duration::from_millis(50),
+            idle_timeout: Duration::from_millis(200),
+            max_headers_size: 65536,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_head_expires_before_the_idle_timeout() {
+        let a = Activity::new();
+        a.read(b"GET / HT");
+        assert_eq!(a.expired(limits()).await, Expired::Head);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_expires_idle() {
+        let a = Activity::new();
+        let began = std::time::Instant::now();
+        assert_eq!(a.expired(limits()).await, Expired::Idle);
+        assert!(began.elapsed() >= Duration::from_millis(190));
+    }
+
+    #[tokio::test]
+    async fn http2_frames_between_requests_are_not_a_head() {
+        let a = Arc::new(Activity::new());
+        a.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        drop(InFlight::start(a.clone()));
+        a.read(b"\x00\x00\x08\x06"); // a PING frame
+        assert_eq!(a.expired(limits()).await, Expired::Idle);
+    }
+
+    #[tokio::test]
+    async fn nothing_expires_while_a_request_is_in_flight() {
+        let a = Arc::new(Activity::new());
+        let busy = InFlight::start(a.clone());
+        let waited = tokio::time::timeout(Duration::from_millis(400), a.expired(limits())).await;
+        assert!(waited.is_err(), "a request in flight keeps the connection");
+        drop(busy);
+        assert_eq!(a.expired(limits()).await, Expired::Idle);
     }
 }

@@ -131,8 +131,14 @@ async fn forward(
     let mut pending: Option<Request<ProxyBody>> = None;
 
     loop {
-        let connected =
-            upstream::connect_http(&target.cluster, &target.failover, conn.client, upgrade).await;
+        let connected = upstream::connect_http(
+            &target.cluster,
+            &target.failover,
+            conn.client,
+            upgrade,
+            &conn.drivers,
+        )
+        .await;
         let HttpConn {
             sender,
             cluster,
@@ -140,6 +146,18 @@ async fn forward(
             reused,
         } = match connected {
             Ok(c) => c,
+            Err(ConnectError::Local(e)) => {
+                tracing::warn!(cluster = %target.cluster.name, error = %e,
+                    "no upstream connection: legate is out of a local resource");
+                return Answer {
+                    response: error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "proxy out of local resources\n",
+                    ),
+                    cluster: Some(target.cluster.name.clone()),
+                    endpoint: None,
+                };
+            }
             Err(ConnectError::NoHealthyEndpoint { attempts, .. }) => {
                 // Nothing was sent: any method may be retried.
                 if retries_left > 0 && attempts > 0 && route.budget.withdraw() {
@@ -201,7 +219,7 @@ async fn forward(
                 *response.version_mut() = Version::HTTP_11;
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
-                        tunnel(client, hyper::upgrade::on(&mut response));
+                        tunnel(client, hyper::upgrade::on(&mut response), &conn.tasks);
                     }
                 } else {
                     clean_response_headers(response.headers_mut());
@@ -338,14 +356,15 @@ fn mirror(
     let cluster = mirror.cluster.clone();
     let client = conn.client;
     let timeout = route.timeout;
-    tokio::spawn(async move {
+    let drivers = conn.drivers.clone();
+    conn.tasks.spawn(async move {
         let copy_body = if empty {
             Empty::new().map_err(|e| match e {}).boxed_unsync()
         } else {
             copy.boxed_unsync()
         };
         let result = tokio::time::timeout(timeout, async {
-            let c = upstream::connect_http(&cluster, &[], client, false)
+            let c = upstream::connect_http(&cluster, &[], client, false, &drivers)
                 .await
                 .ok()?;
             let req = upstream_request(copy_parts, copy_body, matches!(c.sender, Sender::H2(_)));
@@ -424,9 +443,14 @@ fn copy_aborted() -> crate::upstream::pool::BoxError {
     "mirror copy cut off".into()
 }
 
-/// Joins the app's and the upstream's upgraded connections (WebSocket).
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
+/// Joins the app's and the upstream's upgraded connections (WebSocket), on
+/// the connection's tasks: the drain waits for it and its timeout ends it.
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    tasks: &crate::shutdown::Tasks,
+) {
+    tasks.spawn(async move {
         let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
             return;
         };

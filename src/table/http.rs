@@ -20,6 +20,18 @@ pub struct HttpListener {
     pub access_log: bool,
     /// `legate_http_requests_total{route="none",cluster="none",code="4xx"}`.
     pub no_route: IntCounter,
+    pub limits: ConnLimits,
+}
+
+/// What one client connection may take, fixed when it is accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A request head must be complete this long after its first byte.
+    pub header_timeout: Duration,
+    /// A connection with no request in flight closes after this.
+    pub idle_timeout: Duration,
+    /// Largest request head, bytes; past it 431.
+    pub max_headers_size: usize,
 }
 
 /// One route.

@@ -8,7 +8,7 @@ use crate::config::Config;
 fn table(yaml: &str, generation: u64) -> RoutingTable {
     let config = Config::from_sources([(PathBuf::from("t.yaml"), Ok(yaml.to_string()))])
         .unwrap_or_else(|e| panic!("{e}"));
-    compile(&config, &Default::default(), generation, None)
+    compile(&config, &Default::default(), generation, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 const CLUSTERS: &str = r#"
@@ -22,13 +22,9 @@ fn with_listener(target: &str) -> String {
     format!("listeners:\n  - {{ name: app, listen: 127.0.0.1:0, {target} }}\n{CLUSTERS}")
 }
 
-/// (case, old config, new config, retired (listener, cluster) pairs)
-type Case = (
-    &'static str,
-    String,
-    String,
-    &'static [(&'static str, &'static str)],
-);
+/// (case, old config, new config, what is retired: `listener→cluster` for a
+/// route, `cluster/endpoint` for an endpoint)
+type Case = (&'static str, String, String, &'static [&'static str]);
 
 #[test]
 fn retirements() {
@@ -43,13 +39,27 @@ fn retirements() {
             "listener now points at another cluster",
             with_listener("cluster: old"),
             with_listener("cluster: new"),
-            &[("app", "old")],
+            &["app→old"],
         ),
         (
-            "cluster endpoints changed",
+            "cluster endpoints changed: only the endpoint that left",
             with_listener("cluster: old"),
             with_listener("cluster: old").replace("127.0.0.1:1", "127.0.0.1:9"),
-            &[("app", "old")],
+            &["old/127.0.0.1:1"],
+        ),
+        (
+            "an endpoint added (scale-out) closes nothing",
+            with_listener("cluster: old"),
+            with_listener("cluster: old")
+                .replace("\"127.0.0.1:1\"", "\"127.0.0.1:1\", \"127.0.0.1:9\""),
+            &[],
+        ),
+        (
+            "one of two endpoints removed",
+            with_listener("cluster: old")
+                .replace("\"127.0.0.1:1\"", "\"127.0.0.1:1\", \"127.0.0.1:9\""),
+            with_listener("cluster: old"),
+            &["old/127.0.0.1:9"],
         ),
         (
             "weights change but both stay",
@@ -61,7 +71,7 @@ fn retirements() {
             "split cut over fully (weight 0)",
             with_listener("split: [ { cluster: old, weight: 9 }, { cluster: new, weight: 1 } ]"),
             with_listener("split: [ { cluster: old, weight: 0 }, { cluster: new, weight: 1 } ]"),
-            &[("app", "old")],
+            &["app→old"],
         ),
         (
             "cluster without drain_on_change is left alone",
@@ -72,7 +82,9 @@ fn retirements() {
         (
             "removed listener drains on its own",
             with_listener("cluster: old"),
-            CLUSTERS.to_string(),
+            format!(
+                "listeners:\n  - {{ name: other, listen: 127.0.0.1:0, cluster: keep }}\n{CLUSTERS}"
+            ),
             &[],
         ),
         (
@@ -88,15 +100,15 @@ fn retirements() {
     for (case, old, new, want) in cases {
         let old = table(old, 1);
         let mut new = table(new, 2);
-        let got: Vec<(String, String)> = carry_over(&old, &mut new)
+        let got: Vec<String> = carry_over(&old, &mut new)
             .into_iter()
-            .map(|r| (r.listener.to_string(), r.cluster.to_string()))
+            .map(|r| match (r.listener, r.endpoint) {
+                (Some(l), _) => format!("{l}→{}", r.cluster),
+                (None, Some(e)) => format!("{}/{e}", r.cluster),
+                (None, None) => format!("?{}", r.cluster),
+            })
             .collect();
-        let want: Vec<(String, String)> = want
-            .iter()
-            .map(|(l, c)| (l.to_string(), c.to_string()))
-            .collect();
-        assert_eq!(got, want, "case: {case}");
+        assert_eq!(got, *want, "case: {case}");
     }
 }
 

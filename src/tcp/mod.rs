@@ -1,23 +1,46 @@
-//! Layer-4 forwarding: bytes both ways between the app and the upstream until
-//! both sides are done, with half-close kept. Plain TCP on Linux goes through
-//! [`splice`] (zero-copy); TLS upstreams, and kernels without splice, copy
-//! through a user-space buffer.
+//! Layer-4 sessions: connect the app's connection to its route's upstream and
+//! forward bytes both ways until both sides are done, with half-close kept.
+//! Plain TCP on Linux goes through [`splice`] (zero-copy); TLS upstreams, and
+//! kernels without splice (or a moment without fds for pipes), copy through a
+//! user-space buffer.
 //!
 //! When one side sends FIN, the other side's write half is shut down and the
 //! reverse direction keeps flowing, so clients that `shutdown(SHUT_WR)` and then
-//! read their answer work. An error on either direction ends both. Bytes are
-//! counted as they pass, so long-lived connections show up in the metrics.
+//! read their answer work. An error on either direction ends both, and both
+//! sockets are closed with a reset (SO_LINGER 0), so an app whose upstream
+//! reset the connection sees ECONNRESET, as it would directly, and not a clean
+//! end of stream. Bytes are counted as they pass, so long-lived connections
+//! show up in the metrics.
+//!
+//! A session owns what it needs, not the routing table: its route (cluster,
+//! failover chain, retire signal), the listener's counters and its idle timeout.
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::upstream::UpstreamStream;
+use crate::metrics::ListenerMetrics;
+use crate::table::Route;
+use crate::upstream::{self, UpstreamStream, health::now_ms};
 
 #[cfg(target_os = "linux")]
 mod splice;
+
+/// What one TCP session needs, taken from the table at accept.
+pub struct Session {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    pub route: Arc<Route>,
+    /// Close after this long without a byte either way; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    pub metrics: ListenerMetrics,
+}
 
 /// Whether splice works here: probed once, on the first connection's socket
 /// (a zero-length splice moves nothing). `LEGATE_NO_SPLICE=1` turns it off,
@@ -27,18 +50,26 @@ static SPLICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[cfg(target_os = "linux")]
 fn splice_works(socket: &TcpStream) -> bool {
-    *SPLICE.get_or_init(|| {
-        if std::env::var_os("LEGATE_NO_SPLICE").is_some_and(|v| v == "1") {
-            return false;
+    if let Some(works) = SPLICE.get() {
+        return *works;
+    }
+    let works = if std::env::var_os("LEGATE_NO_SPLICE").is_some_and(|v| v == "1") {
+        false
+    } else {
+        match splice::supported(socket) {
+            Some(works) => works,
+            // No fds to try with right now: copy this once, probe again later.
+            None => return false,
         }
-        let works = splice::supported(socket);
+    };
+    if SPLICE.set(works).is_ok() {
         if works {
             tracing::info!("TCP forwarding uses splice(2): zero-copy");
         } else {
             tracing::warn!("splice(2) unavailable: TCP forwarding copies through user space");
         }
-        works
-    })
+    }
+    works
 }
 
 /// Per-direction buffer. Larger buffers buy little on loopback past this point
@@ -54,21 +85,153 @@ pub struct Transferred {
     pub downstream: u64,
 }
 
-/// Forwards between `client` and `upstream` until both directions reach EOF.
+/// How a forward ended without an error.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both sides finished.
+    Done(Transferred),
+    /// No byte moved either way for the idle timeout.
+    Idle,
+}
+
+/// When bytes last moved, for the idle timeout: one relaxed store per transfer.
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    fn new() -> Self {
+        Activity(AtomicU64::new(now_ms()))
+    }
+
+    fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Returns once nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        let idle_ms = idle.as_millis() as u64;
+        loop {
+            let quiet = now_ms().saturating_sub(self.0.load(Ordering::Relaxed));
+            if quiet >= idle_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
+        }
+    }
+}
+
+/// Serves one app connection: connect to the route's upstream, forward until
+/// both sides are done, the route or endpoint is retired by a reload, or the
+/// connection sits idle past its timeout.
+pub async fn serve(mut client: TcpStream, session: Session) {
+    let Session {
+        listener,
+        client: peer,
+        route,
+        idle_timeout,
+        metrics: m,
+    } = session;
+    let began = Instant::now();
+    let upstream::Connected {
+        stream: mut upstream,
+        fd: _fd,
+        cluster,
+        endpoint,
+        active: _active_on_endpoint,
+    } = match upstream::connect(&route.cluster, &route.failover, peer).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            tracing::warn!(listener = %listener, client = %peer, error = %e, "closing client: no upstream");
+            return;
+        }
+    };
+    let forwarded = tokio::select! {
+        r = forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream, idle_timeout) => r,
+        _ = route.retired.cancelled() => {
+            tracing::info!(
+                listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+                "closing connection: a reload moved this route (drain_on_change)"
+            );
+            return;
+        }
+        _ = endpoint.retired.cancelled() => {
+            tracing::info!(
+                listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+                "closing connection: a reload removed its endpoint from the cluster (drain_on_change)"
+            );
+            return;
+        }
+    };
+    let duration_ms = began.elapsed().as_millis() as u64;
+    match forwarded {
+        Ok(Ended::Done(t)) => tracing::debug!(
+            listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+            bytes_upstream = t.upstream, bytes_downstream = t.downstream,
+            duration_ms, "connection closed"
+        ),
+        Ok(Ended::Idle) => tracing::debug!(
+            listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+            duration_ms, "connection closed: idle timeout"
+        ),
+        Err(e) => {
+            // Pass the abort on: each side gets a reset, as a direct
+            // connection would, instead of a FIN that reads as "done".
+            reset(&client);
+            if let UpstreamStream::Plain(s) = &upstream {
+                reset(s);
+            } else if let UpstreamStream::Tls(s) = &upstream {
+                reset(s.get_ref().0);
+            }
+            tracing::debug!(
+                listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
+                error = %e, duration_ms, "connection ended with error (reset passed on)"
+            );
+        }
+    }
+}
+
+/// Makes the coming close send RST instead of FIN.
+fn reset(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+}
+
+/// Forwards between `client` and `upstream` until both directions reach EOF,
+/// or nothing moved for `idle_timeout`.
 pub async fn forward(
     client: &mut TcpStream,
     upstream: &mut UpstreamStream,
     up_bytes: &IntCounter,
     down_bytes: &IntCounter,
+    idle_timeout: Option<Duration>,
+) -> io::Result<Ended> {
+    let activity = idle_timeout.map(|_| Activity::new());
+    let idle = async {
+        match (&activity, idle_timeout) {
+            (Some(a), Some(t)) => a.idle_for(t).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = both_ways(client, upstream, up_bytes, down_bytes, activity.as_ref()) => r.map(Ended::Done),
+        () = idle => Ok(Ended::Idle),
+    }
+}
+
+async fn both_ways(
+    client: &mut TcpStream,
+    upstream: &mut UpstreamStream,
+    up_bytes: &IntCounter,
+    down_bytes: &IntCounter,
+    activity: Option<&Activity>,
 ) -> io::Result<Transferred> {
     #[cfg(target_os = "linux")]
     if let UpstreamStream::Plain(upstream) = upstream
         && splice_works(client)
+        && let Some((up_pipe, down_pipe)) = splice::Pipe::pair()
     {
         let (client, upstream) = (&*client, &*upstream);
         let (up, down) = tokio::try_join!(
-            splice::pipe(client, upstream, up_bytes),
-            splice::pipe(upstream, client, down_bytes),
+            splice::pipe(client, upstream, up_pipe, up_bytes, activity),
+            splice::pipe(upstream, client, down_pipe, down_bytes, activity),
         )?;
         return Ok(Transferred {
             upstream: up,
@@ -80,8 +243,8 @@ pub async fn forward(
         UpstreamStream::Plain(upstream) => {
             let (mut upstream_r, mut upstream_w) = upstream.split();
             tokio::try_join!(
-                pipe(&mut client_r, &mut upstream_w, up_bytes),
-                pipe(&mut upstream_r, &mut client_w, down_bytes),
+                pipe(&mut client_r, &mut upstream_w, up_bytes, activity),
+                pipe(&mut upstream_r, &mut client_w, down_bytes, activity),
             )?
         }
         UpstreamStream::Tls(tls) => {
@@ -89,8 +252,8 @@ pub async fn forward(
             // with tokio's lock-based halves.
             let (mut upstream_r, mut upstream_w) = tokio::io::split(tls.as_mut());
             tokio::try_join!(
-                pipe(&mut client_r, &mut upstream_w, up_bytes),
-                pipe(&mut upstream_r, &mut client_w, down_bytes),
+                pipe(&mut client_r, &mut upstream_w, up_bytes, activity),
+                pipe(&mut upstream_r, &mut client_w, down_bytes, activity),
             )?
         }
     };
@@ -101,7 +264,12 @@ pub async fn forward(
 }
 
 /// Copies `from` to `to` until EOF, then shuts down `to`'s write side (sends FIN).
-async fn pipe<R, W>(from: &mut R, to: &mut W, counter: &IntCounter) -> io::Result<u64>
+async fn pipe<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &IntCounter,
+    activity: Option<&Activity>,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -121,5 +289,8 @@ where
         to.write_all(&buf[..n]).await?;
         total += n as u64;
         counter.inc_by(n as u64);
+        if let Some(a) = activity {
+            a.touch();
+        }
     }
 }

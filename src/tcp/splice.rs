@@ -18,26 +18,43 @@ use prometheus::IntCounter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::Activity;
+use crate::fds;
+
 /// Bytes moved per `splice` call; the pipe is grown to hold it.
 const CHUNK: usize = 256 * 1024;
 
 /// Empty pipes kept for the next connection: creating and sizing a pipe
 /// pair costs three syscalls and closing it two, per direction per connection.
+/// Pooled pipes keep their fds reserved, so the pool is bounded by a share of
+/// the fd budget as well as by count.
 static IDLE: std::sync::LazyLock<crossbeam_queue::ArrayQueue<Pipe>> =
-    std::sync::LazyLock::new(|| crossbeam_queue::ArrayQueue::new(1024));
+    std::sync::LazyLock::new(|| crossbeam_queue::ArrayQueue::new(pool_size()));
+
+/// At most 256 pipes (512 fds), and at most 1/16 of the fd budget.
+fn pool_size() -> usize {
+    (fds::limit() / 32).clamp(1, 256)
+}
 
 /// A pipe pair used as the in-kernel buffer of one direction.
-struct Pipe {
+pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Its two fds in the data path's budget.
+    _fds: fds::Reserved,
 }
 
 impl Pipe {
-    /// A pipe from the idle pool, or a new one.
-    fn take() -> io::Result<Pipe> {
+    /// Two pipes (one per direction) from the idle pool or new, or `None`
+    /// when the fd budget has no room for them: the caller copies instead.
+    pub fn pair() -> Option<(Pipe, Pipe)> {
+        Some((Pipe::take()?, Pipe::take()?))
+    }
+
+    fn take() -> Option<Pipe> {
         match IDLE.pop() {
-            Some(p) => Ok(p),
-            None => Pipe::new(),
+            Some(p) => Some(p),
+            None => Pipe::new().ok(),
         }
     }
 
@@ -47,6 +64,7 @@ impl Pipe {
     }
 
     fn new() -> io::Result<Pipe> {
+        let reserved = fds::reserve(2).ok_or_else(fds::exhausted)?;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid, writable array of two ints, as pipe2 requires.
         let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
@@ -59,7 +77,11 @@ impl Pipe {
         // still works if the limit refuses it.
         // SAFETY: F_SETPIPE_SZ on a pipe fd we own; the argument is a plain int.
         unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
-        Ok(Pipe { read, write })
+        Ok(Pipe {
+            read,
+            write,
+            _fds: reserved,
+        })
     }
 }
 
@@ -86,20 +108,33 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Whether this kernel and these sockets support splice: tried once with a
 /// zero-length call, which validates the file types without moving data.
-pub fn supported(socket: &TcpStream) -> bool {
-    let Ok(pipe) = Pipe::new() else { return false };
+/// `None` when no pipe could be had to try (out of fds): ask again later.
+pub fn supported(socket: &TcpStream) -> Option<bool> {
+    let pipe = Pipe::new().ok()?;
+    // Probed on a fresh pipe, which is then pooled for the first connection.
+    let supported = probe(socket, &pipe);
+    pipe.give_back();
+    Some(supported)
+}
+
+fn probe(socket: &TcpStream, pipe: &Pipe) -> bool {
     match splice(socket.as_raw_fd(), pipe.write.as_raw_fd(), 0) {
         Ok(_) => true,
         Err(e) => e.raw_os_error() == Some(libc::EAGAIN),
     }
 }
 
-/// Moves bytes from `from` to `to` until EOF, then shuts down `to`'s write
-/// side (FIN), keeping half-close exactly as the copying path does.
-pub async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Result<u64> {
+/// Moves bytes from `from` to `to` through `pipe` until EOF, then shuts down
+/// `to`'s write side (FIN), keeping half-close exactly as the copying path does.
+pub async fn pipe(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: Pipe,
+    counter: &IntCounter,
+    activity: Option<&Activity>,
+) -> io::Result<u64> {
     // On error or cancellation the pipe may hold bytes: it is dropped (closed),
     // never pooled.
-    let pipe = Pipe::take()?;
     let mut total = 0u64;
     loop {
         from.readable().await?;
@@ -130,6 +165,9 @@ pub async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io:
                     pending -= n;
                     total += n as u64;
                     counter.inc_by(n as u64);
+                    if let Some(a) = activity {
+                        a.touch();
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),

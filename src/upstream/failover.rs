@@ -13,15 +13,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use super::pool::{ProxyBody, Sender};
-use super::{ActiveGuard, Cluster, Endpoint, UpstreamStream, lb};
+use super::{ActiveGuard, Cluster, Endpoint, Failure, UpstreamStream, lb};
+use crate::fds;
 use crate::metrics;
+use crate::shutdown::Tasks;
 
 /// A connected upstream and where it went.
 pub struct Connected {
     pub stream: UpstreamStream,
+    /// The socket's fd in the data path's budget, given back when dropped.
+    pub fd: fds::Reserved,
     pub cluster: Arc<Cluster>,
     pub endpoint: Arc<Endpoint>,
     /// Counts this connection on the endpoint until dropped.
@@ -50,6 +54,10 @@ pub enum ConnectError {
         failover: usize,
         attempts: usize,
     },
+    /// legate itself ran out of fds, memory or ports. No endpoint is blamed
+    /// and no failover cluster tried: they would fail the same way.
+    #[error("legate is out of a local resource ({0}); no upstream was blamed")]
+    Local(std::io::Error),
 }
 
 /// Connects for a new app connection from `client`.
@@ -60,15 +68,20 @@ pub async fn connect(
 ) -> Result<Connected, ConnectError> {
     let mut walk = Walk::new(primary, failover, client);
     while let Some((cluster, endpoint)) = walk.next().await {
-        if let Ok(stream) = cluster.try_connect(&endpoint).await {
-            walk.succeeded(cluster);
-            let active = endpoint.track();
-            return Ok(Connected {
-                stream,
-                cluster: cluster.clone(),
-                endpoint,
-                active,
-            });
+        match cluster.try_connect(&endpoint).await {
+            Ok((stream, fd)) => {
+                walk.succeeded(cluster);
+                let active = endpoint.track();
+                return Ok(Connected {
+                    stream,
+                    fd,
+                    cluster: cluster.clone(),
+                    endpoint,
+                    active,
+                });
+            }
+            Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
+            Err(_) => {}
         }
     }
     Err(walk.exhausted())
@@ -82,6 +95,7 @@ pub async fn connect_http(
     failover: &[Arc<Cluster>],
     client: SocketAddr,
     fresh: bool,
+    drivers: &Tasks,
 ) -> Result<HttpConn, ConnectError> {
     let mut walk = Walk::new(primary, failover, client);
     while let Some((cluster, endpoint)) = walk.next().await {
@@ -102,11 +116,13 @@ pub async fn connect_http(
                 });
             }
         }
-        let Ok(stream) = cluster.try_connect(&endpoint).await else {
-            continue;
+        let (stream, fd) = match cluster.try_connect(&endpoint).await {
+            Ok(connected) => connected,
+            Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
+            Err(_) => continue,
         };
         let http2 = cluster.spec.http2 || stream.alpn_h2();
-        match handshake(stream, http2).await {
+        match handshake(stream, fd, http2, drivers).await {
             Ok(sender) => {
                 if let Sender::H2(s) = &sender {
                     endpoint.pool.set_h2(s.clone());
@@ -128,19 +144,29 @@ pub async fn connect_http(
 }
 
 /// Starts an HTTP/1.1 (with upgrades) or h2c client connection on `stream`.
-async fn handshake(stream: UpstreamStream, http2: bool) -> hyper::Result<Sender> {
+/// Its driver runs on `drivers` and holds the socket's fd reservation; it
+/// ends when the last sender is dropped (the pool let the connection go), the
+/// upstream closes, or the shutdown ends the drivers.
+async fn handshake(
+    stream: UpstreamStream,
+    fd: fds::Reserved,
+    http2: bool,
+    drivers: &Tasks,
+) -> hyper::Result<Sender> {
     let io = TokioIo::new(stream);
     if http2 {
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let (sender, conn) = http2::Builder::new(drivers.clone())
             .handshake::<_, ProxyBody>(io)
             .await?;
-        tokio::spawn(async move {
+        drivers.spawn(async move {
+            let _fd = fd;
             let _ = conn.await;
         });
         Ok(Sender::H2(sender))
     } else {
         let (sender, conn) = http1::Builder::new().handshake::<_, ProxyBody>(io).await?;
-        tokio::spawn(async move {
+        drivers.spawn(async move {
+            let _fd = fd;
             let _ = conn.with_upgrades().await;
         });
         Ok(Sender::H1(sender))

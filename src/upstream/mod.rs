@@ -18,8 +18,10 @@ use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{EndpointConfig, EndpointTarget, HealthConfig, LbPolicy, ResolverConfig};
+use crate::fds;
 use crate::metrics::{self, ClusterMetrics};
 use crate::tls::TlsClient;
 
@@ -45,8 +47,13 @@ pub struct Cluster {
     resolved_once: AtomicBool,
     /// Round-robin cursor; wraps, only its value modulo the candidates matters.
     cursor: AtomicUsize,
-    /// Set when the background tasks (DNS, health probes) have been started.
+    /// Set when the background tasks (DNS, health probes, pool expiry) have been started.
     started: AtomicBool,
+    /// Ends the background tasks. Cancelled by the reload that publishes a
+    /// table without this cluster (`retire`), not when the last `Arc` drops:
+    /// an old generation kept alive by one open connection must not keep
+    /// probing and resolving.
+    stop: CancellationToken,
     metrics: ClusterMetrics,
 }
 
@@ -63,6 +70,8 @@ pub struct ClusterSpec {
     pub resolver: ResolverConfig,
     /// Speak h2c to the endpoints (HTTP clusters).
     pub http2: bool,
+    /// Pooled HTTP connections unused this long are closed.
+    pub pool_idle_timeout: Duration,
     /// Originate TLS; equal when settings and file contents are equal.
     pub tls: Option<Arc<TlsClient>>,
 }
@@ -80,6 +89,9 @@ pub struct Endpoint {
     healthy_gauge: IntGauge,
     /// Idle HTTP connections for reuse.
     pub pool: pool::Pool,
+    /// Cancelled (after the cluster's `drain_on_change` grace) when a reload
+    /// removes this endpoint from its cluster's list: TCP sessions to it close.
+    pub retired: CancellationToken,
 }
 
 /// Decrements an endpoint's active count when the connection ends.
@@ -116,6 +128,7 @@ impl Cluster {
             resolved_once: AtomicBool::new(!has_names),
             cursor: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            stop: CancellationToken::new(),
             metrics,
         }
     }
@@ -125,8 +138,9 @@ impl Cluster {
     }
 
     /// Starts the background work this cluster needs (DNS refresh, health
-    /// probes). Idempotent: a cluster kept across reloads is started once.
-    /// Tasks hold a `Weak` and end once the last table using the cluster is gone.
+    /// probes, expiry of idle pooled connections). Idempotent: a cluster kept
+    /// across reloads is started once. The tasks end when [`Cluster::retire`]
+    /// is called (or, failing that, once the last table using it is gone).
     pub fn start(self: &Arc<Self>) {
         if self.started.swap(true, Ordering::AcqRel) {
             return;
@@ -143,7 +157,7 @@ impl Cluster {
         if !names.is_empty() {
             match dns::Dns::new(&self.spec.resolver) {
                 Ok(resolver) => {
-                    tokio::spawn(dns::run(Arc::downgrade(self), resolver, names));
+                    self.spawn_owned(dns::run(Arc::downgrade(self), resolver, names));
                 }
                 Err(e) => {
                     tracing::error!(cluster = %self.name, error = %e, "cannot create the DNS resolver; names in this cluster stay unresolved");
@@ -152,8 +166,45 @@ impl Cluster {
             }
         }
         if let Some(check) = &self.spec.health {
-            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
+            self.spawn_owned(health::run(Arc::downgrade(self), check.clone()));
         }
+        self.spawn_owned(pool::expire(Arc::downgrade(self)));
+    }
+
+    /// Runs `task` until it ends or the cluster is retired.
+    fn spawn_owned(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// The cluster left the routing table: its background tasks stop now.
+    /// Connections still open through it are not touched.
+    pub fn retire(&self) {
+        self.stop.cancel();
+    }
+
+    /// Whether this cluster's config lists `endpoint` (by address, or by the
+    /// DNS name and port it was resolved from).
+    pub fn lists(&self, endpoint: &Endpoint) -> bool {
+        self.spec
+            .endpoints
+            .iter()
+            .any(|e| match (&e.target, &endpoint.host) {
+                (EndpointTarget::Addr(a), None) => *a == endpoint.addr,
+                (EndpointTarget::Name { host, port }, Some(h)) => {
+                    **h == **host && *port == endpoint.addr.port()
+                }
+                _ => false,
+            })
+    }
+
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.metrics
     }
 
     /// The endpoints in use now, healthy or not.
@@ -170,12 +221,6 @@ impl Cluster {
             .filter(|e| e.health.available(now))
             .cloned()
             .collect()
-    }
-
-    /// Whether `other` sends connections to the same place: same name, same
-    /// endpoints as written (a DNS answer changing is not a new target).
-    pub fn same_target(&self, other: &Cluster) -> bool {
-        self.name == other.name && self.spec.endpoints == other.spec.endpoints
     }
 
     /// Replaces the resolved part of the endpoint set with `resolved` (static
@@ -243,8 +288,18 @@ impl Cluster {
     }
 
     /// One connect attempt to `endpoint` (TCP, then TLS when the cluster
-    /// originates it), counted and fed to passive health.
-    async fn try_connect(&self, endpoint: &Arc<Endpoint>) -> io::Result<UpstreamStream> {
+    /// originates it), counted and fed to passive health. The socket's fd is
+    /// taken from the data path's budget first; when there is none, or the
+    /// kernel says this host is out of something, the failure is local: it is
+    /// counted as `local_error` and the endpoint keeps its health.
+    async fn try_connect(
+        &self,
+        endpoint: &Arc<Endpoint>,
+    ) -> Result<(UpstreamStream, fds::Reserved), Failure> {
+        let Some(fd) = fds::reserve(1) else {
+            self.metrics.connect_local_error.inc();
+            return Err(Failure::Local(fds::exhausted()));
+        };
         let began = Instant::now();
         let attempt = async {
             let tcp = TcpStream::connect(endpoint.addr)
@@ -268,45 +323,57 @@ impl Cluster {
                 format!("no answer within {:?}", self.spec.connect_timeout),
             ))),
         };
-        match result {
+        let failure = match result {
             Ok(stream) => {
                 self.metrics.connect_ok.inc();
                 self.metrics
                     .connect_seconds
                     .observe(began.elapsed().as_secs_f64());
                 endpoint.connect_succeeded();
-                Ok(stream)
+                return Ok((stream, fd));
             }
-            Err(failure) => {
-                let e = match failure {
-                    Failure::Connect(e) => {
-                        match e.kind() {
-                            io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
-                            io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
-                            _ => self.metrics.connect_error.inc(),
-                        }
-                        e
-                    }
-                    Failure::Tls(e) => {
-                        self.metrics.connect_tls_error.inc();
-                        tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
-                            "TLS handshake with upstream failed");
-                        e
-                    }
-                };
-                let ejected_for = endpoint.connect_failed();
+            Err(Failure::Connect(e)) if fds::is_local(&e) => Failure::Local(e),
+            Err(f) => f,
+        };
+        match &failure {
+            Failure::Local(e) => {
+                self.metrics.connect_local_error.inc();
                 tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
-                    ejected_for = ?ejected_for, "upstream connect failed");
-                Err(e)
+                    "upstream connect failed for a local reason (not counted against the endpoint)");
+                return Err(failure);
+            }
+            Failure::Connect(e) => match e.kind() {
+                io::ErrorKind::ConnectionRefused => self.metrics.connect_refused.inc(),
+                io::ErrorKind::TimedOut => self.metrics.connect_timeout.inc(),
+                _ => self.metrics.connect_error.inc(),
+            },
+            Failure::Tls(e) => {
+                self.metrics.connect_tls_error.inc();
+                tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %e,
+                    "TLS handshake with upstream failed");
             }
         }
+        let ejected_for = endpoint.connect_failed();
+        tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %failure.error(),
+            ejected_for = ?ejected_for, "upstream connect failed");
+        Err(failure)
     }
 }
 
 /// Where a connect attempt failed.
-enum Failure {
+pub(crate) enum Failure {
     Connect(io::Error),
     Tls(io::Error),
+    /// This host ran out of something (fds, memory, ports): not the endpoint's fault.
+    Local(io::Error),
+}
+
+impl Failure {
+    fn error(&self) -> &io::Error {
+        match self {
+            Failure::Connect(e) | Failure::Tls(e) | Failure::Local(e) => e,
+        }
+    }
 }
 
 /// A connection to an upstream: plain TCP, or TLS over it.
@@ -388,6 +455,7 @@ impl Endpoint {
             active: AtomicUsize::new(0),
             healthy_gauge,
             pool: pool::Pool::default(),
+            retired: CancellationToken::new(),
         }
     }
 

@@ -82,6 +82,21 @@ impl Legate {
         Legate::spawn_full(config, dir, args, &[])
     }
 
+    /// Starts legate on `yaml` with its file descriptor limit (soft and hard)
+    /// set to `nofile`, as `ulimit -n` would, and waits until it is ready.
+    pub fn start_with_nofile(yaml: &str, nofile: u64) -> Legate {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("legate.yaml"), yaml).expect("write config");
+        let path = dir.path().to_path_buf();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_legate"));
+        let mut legate = Legate::spawn_cmd(cmd, &path, Some(dir), &[]);
+        legate.wait_ready();
+        legate
+    }
+
     fn spawn_full(
         config: &Path,
         dir: Option<tempfile::TempDir>,
@@ -90,6 +105,15 @@ impl Legate {
     ) -> Legate {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
         cmd.envs(env.iter().copied());
+        Legate::spawn_cmd(cmd, config, dir, args)
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        config: &Path,
+        dir: Option<tempfile::TempDir>,
+        args: &[&str],
+    ) -> Legate {
         // Tests want a prompt exit unless they are about the shutdown delay.
         if !args.contains(&"--shutdown-delay") {
             cmd.args(["--shutdown-delay", "0s"]);
@@ -177,6 +201,17 @@ impl Legate {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
     }
 
     /// GET `path` on the admin server: (status, body).
