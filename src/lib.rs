@@ -27,6 +27,7 @@ pub mod config;
 pub mod fds;
 pub mod http;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod reload;
 pub mod shutdown;
@@ -121,6 +122,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         },
     ));
     tokio::spawn(shutdown::on_signals(shutdown.clone()));
+    tokio::spawn(memory::return_freed());
 
     let mut listeners = Listeners::new(tables.clone(), bound, shutdown.clone());
     listeners.apply(&tables.load_full()).await;

@@ -249,7 +249,7 @@ impl Accept {
     /// until a connection ends.
     async fn run(self) {
         loop {
-            let Some((permit, fd)) = self.admission().await else {
+            let Some((permit, client_fd, upstream_fd)) = self.admission().await else {
                 break;
             };
             let accepted = tokio::select! {
@@ -278,9 +278,9 @@ impl Accept {
             };
             self.shutdown.connections.spawn(async move {
                 // Held for the connection's life: its slot and its fd.
-                let _admitted = (permit, fd);
+                let _admitted = (permit, client_fd);
                 tokio::select! {
-                    _ = dispatch(client, peer, name.clone(), table, http) => {}
+                    _ = dispatch(client, peer, name.clone(), table, http, upstream_fd) => {}
                     _ = force_close.cancelled() => {
                         tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
                     }
@@ -293,10 +293,14 @@ impl Accept {
         tracing::info!(listener = %self.name, "listener closed");
     }
 
-    /// A connection slot and an fd for the next accept, waiting while the
-    /// listener is at `max_connections` or the data path is out of fds.
-    /// `None` once the loop must stop.
-    async fn admission(&self) -> Option<(OwnedSemaphorePermit, fds::Reserved)> {
+    /// A connection slot and fds for the next accept (the app's socket, and
+    /// for a TCP listener the upstream's too, so an admitted session never
+    /// fails for want of an fd), waiting while the listener is at
+    /// `max_connections` or the data path is out of fds. `None` once the loop
+    /// must stop.
+    async fn admission(
+        &self,
+    ) -> Option<(OwnedSemaphorePermit, fds::Reserved, Option<fds::Reserved>)> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(TryAcquireError::Closed) => return None,
@@ -308,10 +312,22 @@ impl Accept {
                 }
             }
         };
+        let tcp = self
+            .tables
+            .load()
+            .listener(&self.name)
+            .is_some_and(|l| matches!(l.kind, ListenerKind::Tcp(_)));
         let mut waited = false;
         loop {
-            if let Some(fd) = fds::reserve(1) {
-                return Some((permit, fd));
+            let reserved = if tcp {
+                fds::reserve(1)
+                    .zip(fds::reserve(1))
+                    .map(|(client, upstream)| (client, Some(upstream)))
+            } else {
+                fds::reserve(1).map(|client| (client, None))
+            };
+            if let Some((client, upstream)) = reserved {
+                return Some((permit, client, upstream));
             }
             if !waited {
                 waited = true;
@@ -341,6 +357,7 @@ async fn dispatch(
     name: Arc<str>,
     table: Arc<RoutingTable>,
     http: HttpContext,
+    upstream_fd: Option<fds::Reserved>,
 ) {
     let Some(listener) = table.listener(&name) else {
         // The listener left the config between accept and here; the socket closes.
@@ -354,7 +371,13 @@ async fn dispatch(
 
     match &listener.kind {
         ListenerKind::Tcp(tcp) => {
+            // Admitted as an HTTP listener, changed to TCP by a reload since:
+            // the upstream's fd is taken now, or the connection closes.
+            let Some(upstream_fd) = upstream_fd.or_else(|| fds::reserve(1)) else {
+                return;
+            };
             let session = tcp::Session {
+                upstream_fd,
                 listener: name.clone(),
                 client: peer,
                 route: tcp.target.pick().clone(),

@@ -11,8 +11,9 @@
 //! arrive within `header_timeout` of its first byte (slowloris), and a
 //! connection with no request in flight is closed after `idle_timeout`. One
 //! watchdog per connection reads three atomics that the connection's reads and
-//! requests keep current, and sleeps until the nearest deadline, so a busy
-//! connection pays a few relaxed stores per request and no timer per request.
+//! requests keep current, and wakes every half header timeout (or at the
+//! nearest deadline), so a connection pays a few relaxed stores per request
+//! and no timer per request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -156,11 +157,15 @@ impl Activity {
             limits.header_timeout.as_millis() as u64,
             limits.idle_timeout.as_millis() as u64,
         );
+        // Nothing wakes the watchdog when a head begins or a request ends
+        // (that would cost a wake-up per request), so it looks at least this
+        // often: a deadline is acted on within half a timeout of passing.
+        let look_every = (head_ms.min(idle_ms) / 2).max(1);
         loop {
             let now = now_ms();
             let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
                 // Busy: the route timeout governs; look again later.
-                idle_ms
+                look_every
             } else {
                 let head = self.head_since.load(Ordering::Relaxed);
                 if head != 0 {
@@ -177,7 +182,7 @@ impl Activity {
                     deadline - now
                 }
             };
-            tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+            tokio::time::sleep(Duration::from_millis(wait.clamp(1, look_every))).await;
         }
     }
 }

@@ -25,6 +25,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::fds;
 use crate::metrics::ListenerMetrics;
 use crate::table::Route;
 use crate::upstream::{self, UpstreamStream, health::now_ms};
@@ -40,6 +41,8 @@ pub struct Session {
     /// Close after this long without a byte either way; `None`: never.
     pub idle_timeout: Option<Duration>,
     pub metrics: ListenerMetrics,
+    /// The upstream socket's fd, reserved when the connection was admitted.
+    pub upstream_fd: fds::Reserved,
 }
 
 /// Whether splice works here: probed once, on the first connection's socket
@@ -129,6 +132,7 @@ pub async fn serve(mut client: TcpStream, session: Session) {
         route,
         idle_timeout,
         metrics: m,
+        upstream_fd,
     } = session;
     let began = Instant::now();
     let upstream::Connected {
@@ -137,7 +141,7 @@ pub async fn serve(mut client: TcpStream, session: Session) {
         cluster,
         endpoint,
         active: _active_on_endpoint,
-    } = match upstream::connect(&route.cluster, &route.failover, peer).await {
+    } = match upstream::connect(&route.cluster, &route.failover, peer, upstream_fd).await {
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(listener = %listener, client = %peer, error = %e, "closing client: no upstream");

@@ -60,16 +60,19 @@ pub enum ConnectError {
     Local(std::io::Error),
 }
 
-/// Connects for a new app connection from `client`.
+/// Connects for a new app connection from `client`. `fd` is the upstream
+/// socket's place in the fd budget, taken when the app's connection was
+/// admitted, so an admitted connection never fails for want of an fd.
 pub async fn connect(
     primary: &Arc<Cluster>,
     failover: &[Arc<Cluster>],
     client: SocketAddr,
+    fd: fds::Reserved,
 ) -> Result<Connected, ConnectError> {
     let mut walk = Walk::new(primary, failover, client);
     while let Some((cluster, endpoint)) = walk.next().await {
         match cluster.try_connect(&endpoint).await {
-            Ok((stream, fd)) => {
+            Ok(stream) => {
                 walk.succeeded(cluster);
                 let active = endpoint.track();
                 return Ok(Connected {
@@ -116,8 +119,13 @@ pub async fn connect_http(
                 });
             }
         }
-        let (stream, fd) = match cluster.try_connect(&endpoint).await {
-            Ok(connected) => connected,
+        let fd = match cluster.reserve_fd() {
+            Ok(fd) => fd,
+            Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
+            Err(_) => continue,
+        };
+        let stream = match cluster.try_connect(&endpoint).await {
+            Ok(stream) => stream,
             Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
             Err(_) => continue,
         };

@@ -287,19 +287,21 @@ impl Cluster {
         }
     }
 
-    /// One connect attempt to `endpoint` (TCP, then TLS when the cluster
-    /// originates it), counted and fed to passive health. The socket's fd is
-    /// taken from the data path's budget first; when there is none, or the
-    /// kernel says this host is out of something, the failure is local: it is
-    /// counted as `local_error` and the endpoint keeps its health.
-    async fn try_connect(
-        &self,
-        endpoint: &Arc<Endpoint>,
-    ) -> Result<(UpstreamStream, fds::Reserved), Failure> {
-        let Some(fd) = fds::reserve(1) else {
+    /// An fd for one upstream socket from the data path's budget; when there
+    /// is none the failure is local, counted as `local_error`.
+    fn reserve_fd(&self) -> Result<fds::Reserved, Failure> {
+        fds::reserve(1).ok_or_else(|| {
             self.metrics.connect_local_error.inc();
-            return Err(Failure::Local(fds::exhausted()));
-        };
+            Failure::Local(fds::exhausted())
+        })
+    }
+
+    /// One connect attempt to `endpoint` (TCP, then TLS when the cluster
+    /// originates it), counted and fed to passive health. The caller holds
+    /// the socket's fd reservation. When the kernel says this host is out of
+    /// something the failure is local: it is counted as `local_error` and the
+    /// endpoint keeps its health.
+    async fn try_connect(&self, endpoint: &Arc<Endpoint>) -> Result<UpstreamStream, Failure> {
         let began = Instant::now();
         let attempt = async {
             let tcp = TcpStream::connect(endpoint.addr)
@@ -330,7 +332,7 @@ impl Cluster {
                     .connect_seconds
                     .observe(began.elapsed().as_secs_f64());
                 endpoint.connect_succeeded();
-                return Ok((stream, fd));
+                return Ok(stream);
             }
             Err(Failure::Connect(e)) if fds::is_local(&e) => Failure::Local(e),
             Err(f) => f,
