@@ -94,7 +94,7 @@ pub async fn serve(socket: TcpListener, state: AdminState) {
 /// out twice: a cross-site request carries `Origin` (even the "simple" ones
 /// that skip the CORS preflight), and a DNS-rebound one carries a `Host` that
 /// is a name, not localhost or an IP.
-fn refuse_mutation(req: &Request<Incoming>, peer: SocketAddr) -> Option<&'static str> {
+fn refuse_mutation<B>(req: &Request<B>, peer: SocketAddr) -> Option<&'static str> {
     if !peer.ip().is_loopback() {
         return Some("forbidden: only loopback clients may change legate's state\n");
     }
@@ -106,11 +106,8 @@ fn refuse_mutation(req: &Request<Incoming>, peer: SocketAddr) -> Option<&'static
 
 /// A `Host` that is a DNS name other than localhost means a browser was sent
 /// here by DNS rebinding: no answer, not even read-only ones with config in them.
-fn refuse_host(req: &Request<Incoming>) -> Option<&'static str> {
-    let Some(host) = req.headers().get(HOST) else {
-        return None;
-    };
-    let host = host.to_str().unwrap_or("");
+fn refuse_host<B>(req: &Request<B>) -> Option<&'static str> {
+    let host = req.headers().get(HOST)?.to_str().unwrap_or("");
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
@@ -235,4 +232,45 @@ fn with_type(mut resp: Response<Full<Bytes>>, content_type: &'static str) -> Res
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request<()> {
+        let mut req = Request::post("/quitquitquit");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).expect("request")
+    }
+
+    #[test]
+    fn only_local_non_browser_clients_may_act() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let pod_network: SocketAddr = "10.1.2.3:5000".parse().expect("addr");
+        assert_eq!(
+            refuse_mutation(&post(&[("host", "127.0.0.1:9901")]), local),
+            None
+        );
+        assert_eq!(
+            refuse_mutation(&post(&[("host", "localhost:9901")]), local),
+            None
+        );
+        assert_eq!(
+            refuse_mutation(&post(&[("host", "[::1]:9901")]), local),
+            None
+        );
+        assert_eq!(refuse_mutation(&post(&[]), local), None);
+        assert!(refuse_mutation(&post(&[("host", "10.1.2.9:9901")]), pod_network).is_some());
+        assert!(
+            refuse_mutation(&post(&[("origin", "https://evil.example")]), local).is_some(),
+            "a cross-site form post"
+        );
+        assert!(
+            refuse_mutation(&post(&[("host", "rebind.evil.example:9901")]), local).is_some(),
+            "DNS rebinding"
+        );
+    }
 }

@@ -88,7 +88,7 @@ fn bounded(s: &str, zero: bool, min: Duration, max: Duration) -> Result<Duration
         return Ok(d);
     }
     if d < min || d > max {
-        let show = |d: Duration| humantime::format_duration(d).to_string();
+        let show = legate::config::show_duration;
         return Err(format!(
             "{} is out of range ({}{} to {})",
             show(d),

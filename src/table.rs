@@ -137,12 +137,15 @@ pub fn compile(
                 pool_idle_timeout: c.pool_idle_timeout.0,
                 tls: tls.get(&c.name.value).cloned(),
             };
-            let kept = previous
-                .and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value))
-                .filter(|old| *old.spec() == spec);
-            match kept {
-                Some(old) => old.clone(),
-                None => Arc::new(Cluster::new(Arc::from(c.name.value.as_str()), spec)),
+            let same_name =
+                previous.and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value));
+            match same_name {
+                Some(old) if *old.spec() == spec => old.clone(),
+                _ => Arc::new(Cluster::new(
+                    Arc::from(c.name.value.as_str()),
+                    spec,
+                    same_name.map(|c| &**c),
+                )),
             }
         })
         .collect();

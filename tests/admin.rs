@@ -124,3 +124,60 @@ fn invalid_config_at_start_exits_with_the_error() {
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("bad.yaml:3:5"), "{log}");
 }
+
+/// Sends a raw request to the admin server and returns the status.
+fn admin_request(legate: &Legate, request: &str) -> u16 {
+    let mut s = TcpStream::connect(legate.admin).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status")
+}
+
+/// 1. A browser page posts to `/quitquitquit` cross-origin with
+///    `Content-Type: text/plain` (a "simple" request: no CORS preflight):
+///    403, and legate keeps running and ready.
+/// 2. A DNS-rebound request (`Host: rebind.example:9901`) to `/config` or
+///    `/reload`: 403.
+/// 3. The same POST from a local tool (no Origin, Host an IP): 200, shuts down.
+#[test]
+fn browsers_cannot_shut_down_or_read_the_admin() {
+    let echo = Backend::echo();
+    let mut legate = Legate::start(&echo_config(&echo, "127.0.0.1:0"));
+    let cross_origin = "POST /quitquitquit HTTP/1.1\r\nHost: 127.0.0.1:9901\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+    assert_eq!(admin_request(&legate, cross_origin), 403);
+    let rebound_config =
+        "GET /config HTTP/1.1\r\nHost: rebind.example:9901\r\nConnection: close\r\n\r\n";
+    assert_eq!(admin_request(&legate, rebound_config), 403);
+    let rebound_reload = "POST /reload HTTP/1.1\r\nHost: rebind.example:9901\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert_eq!(admin_request(&legate, rebound_reload), 403);
+    assert!(legate.is_running());
+    assert_eq!(legate.get("/readyz").0, 200);
+
+    assert_eq!(legate.post("/quitquitquit").0, 200);
+    assert!(legate.wait_exit(DEADLINE).success());
+}
+
+/// A client that sends the admin port a 20 KiB head gets 431 instead of
+/// legate buffering it (200 such heads once added 77 MB of RSS); probes are
+/// still answered.
+#[test]
+fn admin_heads_are_bounded() {
+    let echo = Backend::echo();
+    let legate = Legate::start(&echo_config(&echo, "127.0.0.1:0"));
+    let mut s = TcpStream::connect(legate.admin).unwrap();
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}",
+        "a".repeat(20 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes());
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp:.100}");
+    assert_eq!(legate.get("/healthz").0, 200);
+}

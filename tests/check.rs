@@ -372,3 +372,169 @@ fn tls_errors_name_the_cluster_and_file() {
         "{err}"
     );
 }
+
+/// Values that passed `check` and then aborted the process (issue: configs
+/// that pass `check` but abort) are now rejected, each at its line:
+/// - split weights that wrapped a u32 sum to 0 (or to 1, misrouting);
+/// - a health interval of 2^64 s (overflowed the jitter), or 1ns (a busy loop);
+/// - timeouts, TTLs and counts outside what can be scheduled.
+#[test]
+fn values_that_could_abort_are_out_of_range() {
+    let split = |a: u64, b: u64| {
+        format!(
+            "listeners:\n  - name: app\n    listen: 127.0.0.1:0\n    split: [ {{ cluster: a, weight: {a} }}, {{ cluster: b, weight: {b} }} ]\nclusters:\n  - {{ name: a, endpoints: [ \"127.0.0.1:1\" ] }}\n  - {{ name: b, endpoints: [ \"127.0.0.1:2\" ] }}\n"
+        )
+    };
+    for (a, b) in [(4294967295, 1), (4294967295, 2)] {
+        let err = rejected(&[("routes.yaml", &split(a, b))]);
+        assert!(
+            err.contains(
+                "routes.yaml:4:25: field \"weight\": 4294967295 is out of range (0 to 1000000)"
+            ),
+            "{err}"
+        );
+    }
+    let err = rejected(&[("routes.yaml", &split(0, 0))]);
+    assert!(err.contains("at least one weight must be above 0"), "{err}");
+    // The largest weights there are still sum without wrapping.
+    let dir = config_dir(&[("routes.yaml", &split(1_000_000, 1_000_000))]);
+    let (ok, _, stderr) = check(dir.path());
+    assert!(ok, "{stderr}");
+
+    let cluster = |extra: &str| {
+        format!("{LISTENER}clusters:\n  - {{ name: db, endpoints: [ \"127.0.0.1:1\" ]{extra} }}\n")
+    };
+    for (extra, want) in [
+        (
+            ", health: { interval: 18446744073709551615s }",
+            "field \"interval\": 18446744073709551615s is out of range (10ms to 1h)",
+        ),
+        (
+            ", health: { interval: 1ns, timeout: 1ns }",
+            "field \"interval\": 1ns is out of range (10ms to 1h)",
+        ),
+        (
+            ", health: { unhealthy: 4000000000 }",
+            "field \"unhealthy\": 4000000000 is out of range (1 to 1000)",
+        ),
+        (
+            ", connect_timeout: 100000h",
+            "field \"connect_timeout\": 100000h is out of range (1ms to 5m)",
+        ),
+        (
+            ", drain_on_change: 1000d",
+            "field \"drain_on_change\": 24000h is out of range (0s to 24h)",
+        ),
+    ] {
+        let err = rejected(&[("routes.yaml", &cluster(extra))]);
+        assert!(err.contains("routes.yaml:5:"), "{extra}: {err}");
+        assert!(err.contains(want), "{extra}: {err}");
+    }
+    let err = rejected(&[(
+        "routes.yaml",
+        &format!("resolver: {{ min_ttl: 1ns }}\n{}", cluster("")),
+    )]);
+    assert!(
+        err.contains("field \"min_ttl\": 1ns is out of range (100ms to 24h)"),
+        "{err}"
+    );
+    let err = rejected(&[(
+        "routes.yaml",
+        "listeners:\n  - { name: web, listen: 127.0.0.1:0, protocol: http, cluster: db, header_timeout: 0s, max_request_headers_size: 10, max_connections: 0 }\nclusters:\n  - { name: db, endpoints: [ \"127.0.0.1:1\" ] }\n",
+    )]);
+    for want in [
+        "field \"header_timeout\": 0s is out of range (10ms to 1h)",
+        "field \"max_request_headers_size\": 10 is out of range (8192 to 1048576 bytes)",
+        "field \"max_connections\": 0 is out of range (1 to 1000000)",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
+
+/// An empty read is never a config: a directory with no config file, an
+/// empty file, a dangling link (a half-deleted `..data`), or files that
+/// define no listener are each rejected with exit 1 and a reason.
+#[test]
+fn empty_reads_are_rejected() {
+    let dir = config_dir(&[]);
+    let (ok, _, stderr) = check(dir.path());
+    assert!(!ok);
+    assert!(stderr.contains("no *.yaml or *.yml file"), "{stderr}");
+
+    let err = rejected(&[("routes.yaml", "")]);
+    assert!(err.contains("routes.yaml: file is empty"), "{err}");
+    let err = rejected(&[("routes.yaml", "  \n\n")]);
+    assert!(err.contains("routes.yaml: file is empty"), "{err}");
+
+    let err = rejected(&[("routes.yaml", "# just a comment\n")]);
+    assert!(err.contains("no listener is defined"), "{err}");
+    let err = rejected(&[("routes.yaml", CLUSTER)]);
+    assert!(err.contains("no listener is defined"), "{err}");
+
+    // A kubelet-style volume whose ..data points at a deleted directory.
+    let dir = config_dir(&[]);
+    std::os::unix::fs::symlink("..2026_11_25_gone", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/routes.yaml", dir.path().join("routes.yaml")).unwrap();
+    let (ok, _, stderr) = check(dir.path());
+    assert!(!ok);
+    assert!(
+        stderr.contains("routes.yaml: cannot read: No such file or directory"),
+        "{stderr}"
+    );
+}
+
+/// YAML bombs (billion laughs through aliases, 100,000 levels of nesting) are
+/// refused at once, with an error and exit 1, not a crash or a hang.
+#[test]
+fn yaml_bombs_are_refused() {
+    let mut laughs = String::from(
+        "listeners:\n  - name: app\n    listen: 127.0.0.1:0\n    cluster: db\nclusters:\n  - name: db\n    endpoints: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    let mut prev = 'a';
+    for (i, name) in ('b'..='i').enumerate() {
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        laughs.push_str(&format!(
+            "  - name: db{i}\n    endpoints: &{name} [{refs}]\n"
+        ));
+        prev = name;
+    }
+    let deep = format!(
+        "listeners: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    for bomb in [laughs, deep] {
+        let began = std::time::Instant::now();
+        let err = rejected(&[("routes.yaml", &bomb)]);
+        assert!(err.contains("routes.yaml:"), "{err}");
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            began.elapsed()
+        );
+    }
+}
+
+/// Command-line durations have ranges too: `--poll-interval 1ns` (93% CPU)
+/// and `--poll-interval 18446744073709551615s` (overflowed an Instant) are
+/// refused before anything starts.
+#[test]
+fn out_of_range_flags_are_refused() {
+    for (flag, value) in [
+        ("--poll-interval", "1ns"),
+        ("--poll-interval", "18446744073709551615s"),
+        ("--drain-timeout", "100000h"),
+        ("--reload-debounce", "0s"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .args([flag, value, "--config", "/nonexistent"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains("is out of range"),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}

@@ -315,35 +315,41 @@ fn plain_file_edited_in_place_reloads() {
     assert_eq!(Conn::open(addr).backend, "b");
 }
 
-/// Soak: 40 ConfigMap swaps alternating the cluster between two echo backends
-/// (and a split between them), while 4 clients keep opening connections and
-/// streaming lines through them. Zero failed connections, zero wrong bytes.
+/// Soak: 1,000 kubelet-style swaps under traffic, alternating valid versions
+/// (cluster a, cluster b, a split), invalid YAML, an empty file and a volume
+/// with no file at all, with the watcher racing `POST /reload` (1 ms debounce).
+/// - After each swap `POST /reload` answers with the generation: it moves by
+///   exactly one per valid version and never for an invalid or empty one.
+/// - 4 clients keep opening connections and 2 long-lived connections keep
+///   echoing: zero failed connections, zero wrong bytes, and the listener is
+///   never closed (an empty table would close it).
+/// - Every rejected version is counted once in `legate_config_reloads_total`.
 #[test]
-fn soak_swaps_under_load() {
-    const SWAPS: u64 = 40;
+fn soak_1000_swaps_valid_invalid_and_empty_under_load() {
+    const SWAPS: u64 = 1000;
     let a = Backend::named_echo("a");
     let b = Backend::named_echo("b");
-    let config = |i: u64| {
-        let target = match i % 3 {
+    let listen = refused_addr();
+    let valid = |i: u64| {
+        let target = match (i / 4) % 3 {
             0 => "cluster: a".to_string(),
             1 => "cluster: b".to_string(),
             _ => "split: [ { cluster: a, weight: 1 }, { cluster: b, weight: 1 } ]".to_string(),
         };
         format!(
-            "listeners:\n  - {{ name: app, listen: \"127.0.0.1:0\", {target} }}\nclusters:\n  - {{ name: a, endpoints: [ \"{}\" ] }}\n  - {{ name: b, endpoints: [ \"{}\" ] }}\n",
+            "listeners:\n  - {{ name: app, listen: \"{listen}\", {target} }}\nclusters:\n  - {{ name: a, endpoints: [ \"{}\" ] }}\n  - {{ name: b, endpoints: [ \"{}\" ] }}\n",
             a.addr, b.addr
         )
     };
-    let mut cm = ConfigMap::new(&[("routes.yaml", &config(0))]);
-    let legate = Legate::start_on(&cm, &[]);
+    let mut cm = ConfigMap::new(&[("routes.yaml", &valid(0))]);
+    let legate = Legate::start_on(&cm, &["--reload-debounce", "1ms"]);
     let addr = legate.addr("app");
 
     let stop = Arc::new(AtomicBool::new(false));
     let connections = Arc::new(AtomicU64::new(0));
-    let lines = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..4)
+    let mut clients: Vec<_> = (0..4)
         .map(|client| {
-            let (stop, connections, lines) = (stop.clone(), connections.clone(), lines.clone());
+            let (stop, connections) = (stop.clone(), connections.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -351,12 +357,11 @@ fn soak_swaps_under_load() {
                     if conn.backend != "a" && conn.backend != "b" {
                         return Err(format!("unknown backend {:?}", conn.backend));
                     }
-                    for j in 0..20 {
+                    for j in 0..5 {
                         let line =
                             format!("client {client} conn {n} line {j} {}", "x".repeat(j * 50));
                         conn.echo(&line)
                             .map_err(|e| format!("client {client} conn {n}: {e}"))?;
-                        lines.fetch_add(1, Ordering::Relaxed);
                     }
                     conn.stream
                         .shutdown(Shutdown::Write)
@@ -371,10 +376,42 @@ fn soak_swaps_under_load() {
             })
         })
         .collect();
+    clients.extend((0..2).map(|client| {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut conn = Conn::open(addr);
+            let mut j = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                conn.echo(&format!("long-lived {client} line {j}"))
+                    .map_err(|e| format!("long-lived {client} line {j}: {e}"))?;
+                j += 1;
+            }
+            Ok(())
+        })
+    }));
 
+    let (mut generation, mut rejected) = (1u64, 0u64);
     for i in 1..=SWAPS {
-        cm.update(&[("routes.yaml", &config(i))]);
-        legate.wait_generation(i + 1);
+        let is_valid = i % 2 == 0;
+        match i % 4 {
+            0 | 2 => cm.update(&[("routes.yaml", &valid(i))]),
+            1 if i % 8 == 1 => cm.update(&[("routes.yaml", "listeners: [ { name: app")]),
+            1 => cm.update(&[("routes.yaml", "")]),
+            _ => cm.update(&[]),
+        }
+        generation += u64::from(is_valid);
+        rejected += u64::from(!is_valid);
+        let (status, body) = legate.post("/reload");
+        let reported: Option<u64> = body
+            .split("generation ")
+            .nth(1)
+            .and_then(|g| g.trim().parse().ok());
+        match (is_valid, status) {
+            (true, 200) => assert_eq!(reported, Some(generation), "swap {i}: {body}"),
+            (false, 422) => {}
+            (false, 200) => assert_eq!(reported, Some(generation), "swap {i}: {body}"),
+            _ => panic!("swap {i} (valid: {is_valid}): {status} {body}"),
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -382,17 +419,137 @@ fn soak_swaps_under_load() {
             .expect("client thread")
             .expect("client saw a failure");
     }
-    let (connections, lines) = (
-        connections.load(Ordering::Relaxed),
-        lines.load(Ordering::Relaxed),
-    );
-    eprintln!("soak: {SWAPS} swaps, {connections} connections, {lines} echoed lines, 0 failures");
+    let connections = connections.load(Ordering::Relaxed);
+    eprintln!("soak: {SWAPS} swaps, {connections} connections, 0 failures");
     assert!(
-        connections >= 40,
+        connections >= 100,
         "too little load: {connections} connections"
     );
+    assert_eq!(legate.metric("legate_config_generation"), generation as f64);
     assert_eq!(
         legate.metric(r#"legate_config_reloads_total{result="error"}"#),
-        0.0
+        rejected as f64
+    );
+    assert_eq!(
+        legate.metric(r#"legate_config_reloads_total{result="success"}"#),
+        (generation - 1) as f64
+    );
+}
+
+/// 1. A running legate's ConfigMap is swapped to an empty file, then to a
+///    volume with no file at all.
+/// 2. Each is rejected like an invalid config: the generation stays 1, the
+///    error is counted and shown in `/config`, `/readyz` stays 200 and the
+///    listener keeps serving (before, an empty table closed every listener).
+#[test]
+fn an_empty_read_is_rejected_and_the_table_kept() {
+    let a = Backend::named_echo("a");
+    let mut cm = ConfigMap::new(&[("routes.yaml", &routes("\"127.0.0.1:0\"", a.addr, ""))]);
+    let legate = Legate::start_on(&cm, &[]);
+    let addr = legate.addr("app");
+
+    for (n, files) in [(1.0, &[("routes.yaml", "")][..]), (2.0, &[][..])] {
+        cm.update(files);
+        wait_until("the empty read is rejected", || {
+            legate.metric(r#"legate_config_reloads_total{result="error"}"#) >= n
+        });
+        assert_eq!(legate.metric("legate_config_generation"), 1.0);
+        let (_, config) = legate.get("/config");
+        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        let error = config["reload"]["last_error"]["message"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            error.contains("file is empty") || error.contains("no *.yaml or *.yml file"),
+            "{error}"
+        );
+        assert_eq!(legate.get("/readyz").0, 200);
+        assert_eq!(Conn::open(addr).backend, "a");
+    }
+}
+
+/// 1. Cluster `old` has active health checks (every 50 ms) and a connection
+///    open through it, which keeps generation 1 alive.
+/// 2. A reload removes `old` (the listener now uses `new`).
+/// 3. `old`'s probes stop at once, although the open connection still uses
+///    the old generation (and keeps echoing), and every metric series of
+///    `old` is gone from `/metrics`.
+#[test]
+fn a_removed_cluster_stops_probing_and_its_series_go() {
+    let old = Backend::named_echo("old");
+    let new = Backend::named_echo("new");
+    let config = |cluster: &str, extra: &str| {
+        format!(
+            "listeners:\n  - {{ name: app, listen: \"127.0.0.1:0\", cluster: {cluster} }}\nclusters:\n  - {{ name: new, endpoints: [ \"{}\" ] }}\n{extra}",
+            new.addr
+        )
+    };
+    let old_cluster = format!(
+        "  - {{ name: old, endpoints: [ \"{}\" ], health: {{ interval: 50ms, timeout: 40ms }} }}\n",
+        old.addr
+    );
+    let mut cm = ConfigMap::new(&[("routes.yaml", &config("old", &old_cluster))]);
+    let legate = Legate::start_on(&cm, &[]);
+    let mut held = Conn::open(legate.addr("app"));
+    assert_eq!(held.backend, "old");
+    wait_until("a few probes", || old.accepted() >= 4);
+
+    cm.update(&[("routes.yaml", &config("new", ""))]);
+    legate.wait_generation(2);
+    let after_reload = old.accepted();
+    // Ten probe intervals: a probe still running would be seen several times.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        old.accepted() <= after_reload + 1,
+        "probes went on: {after_reload} -> {}",
+        old.accepted()
+    );
+    held.echo("the old generation's connection lives on")
+        .unwrap();
+    let (_, metrics) = legate.get("/metrics");
+    let leftovers: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains(r#"cluster="old""#))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "series of a removed cluster: {leftovers:?}"
+    );
+    assert!(metrics.contains(r#"legate_upstream_connects_total{cluster="new""#));
+}
+
+/// 1. Cluster `db` with `drain_on_change: 200ms` and endpoint A; connection X
+///    open to A.
+/// 2. A reload adds endpoint B (a scale-out): after well past the grace, X
+///    still echoes (before, every connection of the cluster was closed).
+/// 3. A reload removes A: X is closed after the grace.
+#[test]
+fn drain_on_change_closes_only_connections_whose_endpoint_left() {
+    let a = Backend::named_echo("a");
+    let b = Backend::named_echo("b");
+    let config = |endpoints: &str| {
+        format!(
+            "listeners:\n  - {{ name: app, listen: \"127.0.0.1:0\", cluster: db }}\nclusters:\n  - {{ name: db, endpoints: [ {endpoints} ], drain_on_change: 200ms }}\n"
+        )
+    };
+    let mut cm = ConfigMap::new(&[("routes.yaml", &config(&format!("\"{}\"", a.addr)))]);
+    let legate = Legate::start_on(&cm, &[]);
+    let mut x = Conn::open(legate.addr("app"));
+    assert_eq!(x.backend, "a");
+
+    cm.update(&[(
+        "routes.yaml",
+        &config(&format!("\"{}\", \"{}\"", a.addr, b.addr)),
+    )]);
+    legate.wait_generation(2);
+    // Three graces: a drain would have closed it by now.
+    std::thread::sleep(Duration::from_millis(600));
+    x.echo("the scale-out left me alone").unwrap();
+
+    cm.update(&[("routes.yaml", &config(&format!("\"{}\"", b.addr)))]);
+    legate.wait_generation(3);
+    assert!(
+        x.closed(),
+        "the connection to the removed endpoint stayed open"
     );
 }

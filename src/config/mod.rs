@@ -483,7 +483,7 @@ pub fn read_sources(dir: &Path) -> Result<Vec<(PathBuf, std::io::Result<String>)
 }
 
 /// Pause before reading again a directory that looked mid-swap.
-const RACE_RETRY: Duration = Duration::from_millis(50);
+const RACE_RETRY: Duration = Duration::from_millis(20);
 
 fn read_once(dir: &Path) -> Result<Vec<(PathBuf, std::io::Result<String>)>, ConfigError> {
     let files = config_files(dir).map_err(|e| ConfigError::single(dir, 0, 0, e))?;
@@ -658,9 +658,9 @@ use interpolate::interpolate;
 #[cfg(test)]
 use validate::check_name;
 use validate::merge;
-pub use values::parse_duration;
 #[cfg(test)]
 use values::parse_endpoint;
+pub use values::{parse_duration, show_duration};
 
 #[cfg(test)]
 mod tests;

@@ -110,3 +110,18 @@ fn names_are_plain() {
     assert!(check_name("has space").is_err());
     assert!(check_name("quote\"").is_err());
 }
+
+#[test]
+fn durations_are_shown_as_written() {
+    for (d, want) in [
+        (Duration::ZERO, "0s"),
+        (Duration::from_secs(100_000 * 3600), "100000h"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(120), "2m"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::from_nanos(1), "1ns"),
+        (Duration::from_secs(u64::MAX), "18446744073709551615s"),
+    ] {
+        assert_eq!(show_duration(d), want);
+    }
+}

@@ -441,7 +441,7 @@ fn in_range(
     if value >= min && value <= max {
         return true;
     }
-    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let show = super::show_duration;
     at(
         file,
         loc,

@@ -125,3 +125,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(trimmed)
         .map_err(|e| format!("invalid duration \"{s}\": {e} (expected e.g. 250ms, 5s, 1m)"))
 }
+
+/// `d` in the largest unit that divides it exactly (`100000h`, `90s`,
+/// `250ms`): how a person would write it, for messages about durations.
+pub fn show_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".to_string();
+    }
+    if d.subsec_nanos() == 0 {
+        let s = d.as_secs();
+        return match s {
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        };
+    }
+    let ns = d.as_nanos();
+    match ns {
+        ns if ns % 1_000_000 == 0 => format!("{}ms", ns / 1_000_000),
+        ns if ns % 1_000 == 0 => format!("{}us", ns / 1_000),
+        ns => format!("{ns}ns"),
+    }
+}

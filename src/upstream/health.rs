@@ -131,10 +131,15 @@ pub async fn run(cluster: Weak<Cluster>, check: HealthConfig) {
             endpoint.probed(ok, &check, &c.name);
         }
         drop(c);
-        let interval = check.interval.0;
-        let jitter = rand::random_range(0.9..1.1);
-        tokio::time::sleep(interval.mul_f64(jitter)).await;
+        tokio::time::sleep(jittered(check.interval.0)).await;
     }
+}
+
+/// `interval` ±10%, so many sidecars do not probe in lockstep. Saturating:
+/// validation bounds intervals to an hour, but no value may panic here.
+pub fn jittered(interval: Duration) -> Duration {
+    let jitter = rand::random_range(0.9..1.1);
+    Duration::try_from_secs_f64(interval.as_secs_f64() * jitter).unwrap_or(interval)
 }
 
 /// One probe: a TCP connect, or `GET http_path` expecting a 2xx, within the timeout.

@@ -100,7 +100,13 @@ pub struct ActiveGuard(Arc<Endpoint>);
 // === impl Cluster ===
 
 impl Cluster {
-    pub fn new(name: Arc<str>, spec: ClusterSpec) -> Self {
+    /// A cluster for `spec`. When it replaces `previous` (same name, changed
+    /// spec), the endpoints both list are taken over with their health, active
+    /// counts and retire signal, so a scale-out or a timeout change neither
+    /// resets health nor loses track of the connections open to them; their
+    /// pooled connections are dropped if the way to connect (TLS, HTTP/2)
+    /// changed.
+    pub fn new(name: Arc<str>, spec: ClusterSpec, previous: Option<&Cluster>) -> Self {
         let metrics = metrics::get().cluster(&name);
         if let Some(expiry) = spec.tls.as_ref().and_then(|t| t.cert_expiry) {
             metrics::get()
@@ -108,14 +114,25 @@ impl Cluster {
                 .with_label_values(&[&name])
                 .set(expiry as f64);
         }
-        let statics: Vec<Arc<Endpoint>> = spec
-            .endpoints
-            .iter()
-            .filter_map(|e| match e.target {
-                EndpointTarget::Addr(addr) => Some(Arc::new(Endpoint::new(&name, addr, None))),
-                EndpointTarget::Name { .. } => None,
-            })
-            .collect();
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        if let Some(previous) = previous {
+            let same_connect = previous.spec.tls == spec.tls && previous.spec.http2 == spec.http2;
+            for e in previous.endpoints().iter() {
+                if listed(&spec, e) {
+                    if !same_connect {
+                        e.pool.clear();
+                    }
+                    endpoints.push(e.clone());
+                }
+            }
+        }
+        for e in &spec.endpoints {
+            if let EndpointTarget::Addr(addr) = e.target
+                && !endpoints.iter().any(|k| k.addr == addr && k.host.is_none())
+            {
+                endpoints.push(Arc::new(Endpoint::new(&name, addr, None)));
+            }
+        }
         let has_names = spec
             .endpoints
             .iter()
@@ -123,7 +140,7 @@ impl Cluster {
         Cluster {
             name,
             spec,
-            endpoints: ArcSwap::from_pointee(statics),
+            endpoints: ArcSwap::from_pointee(endpoints),
             resolved: watch::Sender::new(!has_names),
             resolved_once: AtomicBool::new(!has_names),
             cursor: AtomicUsize::new(0),
@@ -191,16 +208,7 @@ impl Cluster {
     /// Whether this cluster's config lists `endpoint` (by address, or by the
     /// DNS name and port it was resolved from).
     pub fn lists(&self, endpoint: &Endpoint) -> bool {
-        self.spec
-            .endpoints
-            .iter()
-            .any(|e| match (&e.target, &endpoint.host) {
-                (EndpointTarget::Addr(a), None) => *a == endpoint.addr,
-                (EndpointTarget::Name { host, port }, Some(h)) => {
-                    **h == **host && *port == endpoint.addr.port()
-                }
-                _ => false,
-            })
+        listed(&self.spec, endpoint)
     }
 
     pub fn metrics(&self) -> &ClusterMetrics {
@@ -360,6 +368,18 @@ impl Cluster {
             ejected_for = ?ejected_for, "upstream connect failed");
         Err(failure)
     }
+}
+
+fn listed(spec: &ClusterSpec, endpoint: &Endpoint) -> bool {
+    spec.endpoints
+        .iter()
+        .any(|e| match (&e.target, &endpoint.host) {
+            (EndpointTarget::Addr(a), None) => *a == endpoint.addr,
+            (EndpointTarget::Name { host, port }, Some(h)) => {
+                **h == **host && *port == endpoint.addr.port()
+            }
+            _ => false,
+        })
 }
 
 /// Where a connect attempt failed.

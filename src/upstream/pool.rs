@@ -97,6 +97,11 @@ impl Pool {
         self.h2.store(Some(Arc::new(sender)));
     }
 
+    /// Closes every idle connection (the way to connect changed).
+    pub fn clear(&self) {
+        self.expire(u64::MAX);
+    }
+
     /// Closes connections idle since before `cutoff` ([`now_ms`]). HTTP/1.1
     /// ones are idle by construction; the h2 one is let go when no request
     /// was handed it since, and closes once its last stream ends.
