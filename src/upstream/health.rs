@@ -63,6 +63,13 @@ impl Health {
         self.up.load(Ordering::Acquire) && now >= self.ejected_until.load(Ordering::Acquire)
     }
 
+    /// Forgets failed connects and the ejection they caused: the way to
+    /// connect changed (TLS settings), so they say nothing about the next one.
+    pub fn forget_failures(&self) {
+        self.passive_failures.store(0, Ordering::Release);
+        self.ejected_until.store(0, Ordering::Release);
+    }
+
     /// A real connect succeeded: the passive ejection ends.
     pub fn connect_succeeded(&self) {
         if self.passive_failures.swap(0, Ordering::AcqRel) > 0 {

@@ -103,9 +103,9 @@ impl Cluster {
     /// A cluster for `spec`. When it replaces `previous` (same name, changed
     /// spec), the endpoints both list are taken over with their health, active
     /// counts and retire signal, so a scale-out or a timeout change neither
-    /// resets health nor loses track of the connections open to them; their
-    /// pooled connections are dropped if the way to connect (TLS, HTTP/2)
-    /// changed.
+    /// resets health nor loses track of the connections open to them. If the
+    /// way to connect (TLS, HTTP/2) changed, their pooled connections are
+    /// dropped and their failed connects forgotten.
     pub fn new(name: Arc<str>, spec: ClusterSpec, previous: Option<&Cluster>) -> Self {
         let metrics = metrics::get().cluster(&name);
         if let Some(expiry) = spec.tls.as_ref().and_then(|t| t.cert_expiry) {
@@ -121,6 +121,8 @@ impl Cluster {
                 if listed(&spec, e) {
                     if !same_connect {
                         e.pool.clear();
+                        e.health.forget_failures();
+                        e.update_gauge();
                     }
                     endpoints.push(e.clone());
                 }
