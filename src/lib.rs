@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod fds;
 pub mod http;

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::fds;
 use crate::metrics;
 use crate::shutdown::{Shutdown, Tasks};
@@ -190,6 +193,7 @@ impl Listeners {
                 shutdown,
                 stop: stop_loop,
                 permits,
+                last_warned: AtomicU64::new(0),
             };
             accept.run().await;
         });
@@ -236,7 +240,12 @@ struct Accept {
     stop: CancellationToken,
     /// One per open connection (`max_connections`).
     permits: Arc<Semaphore>,
+    /// [`now_ms`] of the last "not accepting" warning; 0: never.
+    last_warned: AtomicU64,
 }
+
+/// At most one "not accepting" warning per listener this often.
+const PAUSE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long an accept loop that is out of fds waits before looking again.
 const FD_RETRY: Duration = Duration::from_millis(20);
@@ -345,8 +354,14 @@ impl Accept {
             .listener_accept_paused_total
             .with_label_values(&[&self.name, reason])
             .inc();
-        tracing::warn!(listener = %self.name, reason,
-            "not accepting: at the limit (new connections wait in the kernel backlog)");
+        // At a steady limit every connection pauses the loop: log once a while.
+        let now = now_ms();
+        let last = self.last_warned.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= PAUSE_LOG_EVERY.as_millis() as u64 {
+            self.last_warned.store(now.max(1), Ordering::Relaxed);
+            tracing::warn!(listener = %self.name, reason,
+                "not accepting: at the limit (new connections wait in the kernel backlog)");
+        }
     }
 }
 
@@ -396,6 +411,7 @@ async fn dispatch(
                 tables: http.tables,
                 tasks: http.tasks,
                 drivers: http.drivers,
+                tunnels: TaskTracker::new(),
             };
             let limits = h.limits;
             drop(table);

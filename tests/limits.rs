@@ -293,3 +293,33 @@ fn memory_comes_back_after_a_burst_of_connections() {
         "RSS idle {idle} KiB, peak {peak} KiB, after 30 s {now} KiB"
     );
 }
+
+/// 1. An HTTP cluster with `pool_idle_timeout: 200ms`.
+/// 2. Two requests in a row share one pooled upstream connection.
+/// 3. After the connection sat unused past the timeout (plus the quarter of
+///    it the expiry may lag), the next request needs a new connection: the
+///    pooled one was closed instead of waiting for the upstream to close it
+///    under a request.
+#[test]
+fn pooled_upstream_connections_expire_when_idle() {
+    let api = HttpBackend::start("api");
+    let legate = Legate::start(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", protocol: http, cluster: api }}\nclusters:\n  - {{ name: api, endpoints: [ \"{}\" ], pool_idle_timeout: 200ms }}\n",
+        api.addr
+    ));
+    let mut client = support::http::Client::connect(legate.addr("web"));
+    assert_eq!(client.get("/1").status, 200);
+    assert_eq!(client.get("/2").status, 200);
+    assert_eq!(
+        api.connections(),
+        1,
+        "the second request reused the pooled connection"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(client.get("/3").status, 200);
+    assert_eq!(
+        api.connections(),
+        2,
+        "the idle pooled connection was closed"
+    );
+}

@@ -31,11 +31,12 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::shutdown::Tasks;
 use crate::table::RoutingTable;
 use crate::table::http::ConnLimits;
-use crate::upstream::health::now_ms;
 use crate::upstream::pool::ProxyBody;
 
 pub mod proxy;
@@ -50,6 +51,9 @@ pub struct Conn {
     pub tasks: Tasks,
     /// Where upstream connection drivers run: pooled beyond this connection.
     pub drivers: Tasks,
+    /// This connection's upgrade tunnels: it ends only after them, so its
+    /// connection slot, fd and gauge count a WebSocket for its whole life.
+    pub tunnels: TaskTracker,
 }
 
 /// Serves one accepted connection until it ends, its head or idle timeout
@@ -64,6 +68,7 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
     builder
         .http2()
         .max_header_list_size(u32::try_from(limits.max_headers_size).unwrap_or(u32::MAX));
+    let tunnels = conn.tunnels.clone();
     let conn = Arc::new(conn);
     let requests = activity.clone();
     let service = service_fn(move |req| {
@@ -84,7 +89,13 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {
-        _ = served.as_mut() => return,
+        _ = served.as_mut() => {
+            // Done, or upgraded: then a tunnel owns the socket, and the
+            // connection lasts as long as it does (the drain still ends it).
+            tunnels.close();
+            tunnels.wait().await;
+            return;
+        }
         expired = activity.expired(limits) => match expired {
             // A head that never completes: nothing to be graceful about.
             Expired::Head => {

@@ -219,7 +219,7 @@ async fn forward(
                 *response.version_mut() = Version::HTTP_11;
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
-                        tunnel(client, hyper::upgrade::on(&mut response), &conn.tasks);
+                        tunnel(client, hyper::upgrade::on(&mut response), conn);
                     }
                 } else {
                     clean_response_headers(response.headers_mut());
@@ -444,20 +444,18 @@ fn copy_aborted() -> crate::upstream::pool::BoxError {
 }
 
 /// Joins the app's and the upstream's upgraded connections (WebSocket), on
-/// the connection's tasks: the drain waits for it and its timeout ends it.
-fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    tasks: &crate::shutdown::Tasks,
-) {
-    tasks.spawn(async move {
+/// the connection's tasks (the drain waits for it and its timeout ends it),
+/// tracked by the connection too, which stays open (holding its slot and
+/// fd) until the tunnel ends.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, conn: &Conn) {
+    conn.tasks.spawn(conn.tunnels.track_future(async move {
         let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
             return;
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    });
+    }));
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {

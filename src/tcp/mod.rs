@@ -25,10 +25,11 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::clock::now_ms;
 use crate::fds;
 use crate::metrics::ListenerMetrics;
 use crate::table::Route;
-use crate::upstream::{self, UpstreamStream, health::now_ms};
+use crate::upstream::{self, UpstreamStream};
 
 #[cfg(target_os = "linux")]
 mod splice;

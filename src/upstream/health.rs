@@ -7,14 +7,15 @@
 //! first success). An endpoint is available when it is up and not ejected.
 
 use std::net::SocketAddr;
+use std::sync::Weak;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{LazyLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Cluster;
+pub use crate::clock::now_ms;
 use crate::config::HealthConfig;
 
 /// First passive ejection; doubles with each further consecutive failure.
@@ -33,13 +34,6 @@ pub struct Health {
     passive_failures: AtomicU32,
     /// [`now_ms`] until which new connections skip this endpoint; 0 = not ejected.
     ejected_until: AtomicU64,
-}
-
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Milliseconds on a monotonic clock (since the first call), for atomics.
-pub fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
 }
 
 impl Default for Health {

@@ -22,7 +22,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 
-use super::health::now_ms;
+use crate::clock::now_ms;
 
 /// Any error a proxied body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

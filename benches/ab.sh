@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Two legate builds, same machine, same run: did a change cost CPU per request?
+#
+#   bash benches/ab.sh OLD_BINARY NEW_BINARY [rounds] [seconds]
+#
+# Both run --threads 1 pinned to CPU 1 behind the same nginx `return 200`
+# backend; wrk (-t1 -c50) and the backend share CPU 0. Rounds alternate
+# A B A B ... on HTTP keep-alive and on a new connection per request; the
+# proxy's CPU time (utime+stime from /proc) per request is reported as the
+# median over rounds, with the B/A ratio. Needs nginx, wrk, curl, taskset.
+set -euo pipefail
+A=${1:?old binary}; B=${2:?new binary}; ROUNDS=${3:-8}; DUR=${4:-5}
+W=$(mktemp -d); H=127.0.0.1; BACK=$H:31380
+cleanup() { set +e; for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
+trap cleanup EXIT
+mkdir -p $W/backend
+cat > $W/backend/nginx.conf <<CONF
+daemon off; master_process off; worker_processes 1; error_log $W/backend/error.log; pid $W/backend/nginx.pid;
+worker_rlimit_nofile 16384; events { worker_connections 8192; }
+http { access_log off; client_body_temp_path $W/backend; proxy_temp_path $W/backend; fastcgi_temp_path $W/backend; uwsgi_temp_path $W/backend; scgi_temp_path $W/backend;
+  server { listen $BACK backlog=4096; keepalive_requests 10000000; location / { return 200 'ok'; } } }
+CONF
+declare -A PORT=([a]=31381 [b]=31382) BIN=([a]=$A [b]=$B) PID
+ulimit -n 20000 2>/dev/null || true
+taskset -c 0 nginx -p $W/backend -c $W/backend/nginx.conf > $W/backend.log 2>&1 & echo $! > $W/backend.pid
+for v in a b; do
+  mkdir -p $W/$v
+  printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\nclusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $H ${PORT[$v]} $BACK > $W/$v/bench.yaml
+  taskset -c 1 ${BIN[$v]} --config $W/$v --admin $H:0 --threads 1 --log warn --shutdown-delay 0s > $W/$v.log 2>&1 & echo $! > $W/$v.pid
+  PID[$v]=$!
+done
+for i in $(seq 100); do
+  curl -fs -o /dev/null http://$H:${PORT[a]}/ && curl -fs -o /dev/null http://$H:${PORT[b]}/ && break; sleep 0.1
+done
+HZ=$(getconf CLK_TCK)
+ticks() { awk '{print $14+$15}' /proc/${PID[$1]}/stat; }
+run() { # variant, extra wrk args -> µs CPU per request
+  local v=$1; shift; local c0 c1 out reqs
+  c0=$(ticks $v)
+  out=$(taskset -c 0 wrk -t1 -c50 -d${DUR}s "$@" http://$H:${PORT[$v]}/ 2>&1)
+  c1=$(ticks $v)
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  awk -v c=$((c1-c0)) -v n=${reqs:-1} -v hz=$HZ 'BEGIN {printf "%.2f\n", c/hz*1e6/n}'
+}
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+for test in keepalive close; do
+  args=(); [ $test = close ] && args=(-H "Connection: close")
+  : > $W/$test.a; : > $W/$test.b
+  for r in $(seq $ROUNDS); do
+    run a "${args[@]}" >> $W/$test.a
+    run b "${args[@]}" >> $W/$test.b
+  done
+  ma=$(median < $W/$test.a); mb=$(median < $W/$test.b)
+  echo "$test: A $ma µs CPU/req (runs: $(tr '\n' ' ' < $W/$test.a)), B $mb µs CPU/req (runs: $(tr '\n' ' ' < $W/$test.b)), B/A $(awk -v a=$ma -v b=$mb 'BEGIN {printf "%.3f", b/a}')"
+done
