@@ -468,7 +468,7 @@ fn describe_route(r: &http::HttpRoute) -> serde_json::Value {
     let mut v = json!({
         "name": &*r.name,
         "match": matches,
-        "timeout": humantime::format_duration(r.timeout).to_string(),
+        "timeout": r.timeout.map_or("none".to_string(), |t| humantime::format_duration(t).to_string()),
         "retries": r.retries,
     });
     merge_json(&mut v, describe_target(&r.target));
@@ -574,12 +574,17 @@ fn compile_route(
             .map(Into::into),
         request_headers: header_ops(&r.request_headers),
         response_headers: header_ops(&r.response_headers),
-        timeout: r.timeout.map_or(DEFAULT_HTTP_TIMEOUT, |t| t.0),
+        timeout: match r.timeout {
+            None => Some(DEFAULT_HTTP_TIMEOUT),
+            Some(t) if t.0.is_zero() => None,
+            Some(t) => Some(t.0),
+        },
+        max_grpc_timeout: r.max_grpc_timeout.map(|t| t.0),
         retries: r.retries,
         budget: http::RetryBudget::default(),
         mirror,
         metrics: http::RouteMetrics {
-            seconds: m.http_request_seconds.with_label_values(&[listener, &name]),
+            seconds: m.http_seconds(listener, &name),
             by_cluster,
         },
         name,

@@ -41,6 +41,8 @@ pub struct TlsClient {
     fingerprint: u64,
     /// When the client certificate expires (Unix seconds), for mTLS.
     pub cert_expiry: Option<i64>,
+    /// ALPN offers `h2`: an HTTP cluster may speak HTTP/2 without `http2: true`.
+    pub offers_h2: bool,
 }
 
 /// Why a TLS client could not be built: a message naming the file.
@@ -132,6 +134,7 @@ impl TlsClient {
             verify: config.verify,
             fingerprint: fingerprint.finish(),
             cert_expiry,
+            offers_h2: config.alpn.iter().any(|p| p == "h2"),
         })
     }
 

@@ -87,7 +87,9 @@ fn routes_match_rewrite_and_edit_headers() {
             && legate.metric(r#"legate_http_requests_total{cluster="none",code="4xx",listener="web",route="none"}"#) == 2.0
     });
     assert_eq!(
-        legate.metric(r#"legate_http_request_seconds_count{listener="web",route="submit"}"#),
+        legate.metric(
+            r#"legate_http_request_seconds_count{code="2xx",listener="web",route="submit"}"#
+        ),
         1.0
     );
     legate.wait_log(|l| {
@@ -416,5 +418,89 @@ fn nginx_upstream_and_h2load() {
     assert!(
         report.contains("2000 total, 2000 started, 2000 done, 2000 succeeded"),
         "{report}"
+    );
+}
+
+/// gRPC calls (curl with HTTP/2 prior knowledge and `content-type:
+/// application/grpc`, as a gRPC client sends them):
+/// 1. legate's own errors are trailers-only gRPC answers (HTTP 200 with
+///    `grpc-status`): a dead cluster gives UNAVAILABLE (14); a cluster without
+///    `http2: true` gives UNAVAILABLE naming `http2: true`; a route timeout
+///    gives DEADLINE_EXCEEDED (4). A plain HTTP request still gets 503, and
+///    the errors are counted as 5xx.
+/// 2. `grpc-timeout` sets the call's deadline: 2S lets a 600 ms call through
+///    a route whose own timeout is 200 ms; 100m cuts it; a route's
+///    `max_grpc_timeout: 100ms` caps a 5S deadline.
+/// 3. `timeout: 0s` is no route timeout at all.
+#[test]
+fn grpc_deadlines_and_errors() {
+    let api = HttpBackend::start("api");
+    let dead = support::refused_addr();
+    let routes = "      - { match: { path_prefix: /dead/ }, cluster: dead }\n      - { match: { path_prefix: /h1/ }, cluster: h1 }\n      - { match: { path_prefix: /capped/ }, rewrite: { path_prefix: / }, cluster: api, timeout: 200ms, max_grpc_timeout: 100ms }\n      - { match: { path_prefix: /none/ }, rewrite: { path_prefix: / }, cluster: api, timeout: 0s }\n      - { cluster: api, timeout: 200ms }";
+    let clusters = format!(
+        "{}{}{}",
+        cluster("api", &[api.addr], ", http2: true"),
+        cluster("dead", &[dead], ", http2: true, connect_timeout: 1s"),
+        cluster("h1", &[api.addr], "")
+    );
+    let legate = Legate::start(&http_listener(routes, &clusters));
+    let url = |path: &str| format!("http://{}{path}", legate.addr("web"));
+    let grpc = |path: &str, deadline: Option<&str>| {
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+        ];
+        let header;
+        if let Some(d) = deadline {
+            header = format!("grpc-timeout: {d}");
+            args.extend(["-H", &header]);
+        }
+        let (status, text) = curl(&args, &url(path));
+        let lower = text.to_ascii_lowercase();
+        let grpc_status = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("grpc-status: "))
+            .map(|s| s.trim().to_string());
+        (status, grpc_status, lower)
+    };
+
+    let (status, code, text) = grpc("/dead/call", None);
+    assert_eq!((status, code.as_deref()), (200, Some("14")), "{text}");
+    let (status, code, text) = grpc("/h1/call", None);
+    assert_eq!((status, code.as_deref()), (200, Some("14")), "{text}");
+    assert!(
+        text.contains(
+            "grpc-message: cluster \"h1\" speaks http/1.1; grpc needs `http2: true` on it"
+        ),
+        "{text}"
+    );
+    assert_eq!(grpc("/h1/again", None).1.as_deref(), Some("14"));
+    let (status, code, text) = grpc("/sleep/600", None);
+    assert_eq!((status, code.as_deref()), (200, Some("4")), "{text}");
+    let (status, _) = curl(&["--http2-prior-knowledge"], &url("/dead/plain"));
+    assert_eq!(status, 503);
+
+    let (status, code, text) = grpc("/sleep/600", Some("2S"));
+    assert_eq!((status, code), (200, None), "the backend answered: {text}");
+    let (_, code, text) = grpc("/sleep/600", Some("100m"));
+    assert_eq!(code.as_deref(), Some("4"), "{text}");
+    let (_, code, text) = grpc("/capped/sleep/600", Some("5S"));
+    assert_eq!(code.as_deref(), Some("4"), "{text}");
+    let (status, code, text) = grpc("/none/sleep/600", None);
+    assert_eq!((status, code), (200, None), "{text}");
+
+    assert!(
+        legate.metric(
+            r#"legate_http_requests_total{cluster="dead",code="5xx",listener="web",route="0"}"#
+        ) >= 2.0
+    );
+    assert_eq!(
+        legate
+            .logs()
+            .iter()
+            .filter(|l| l.contains("gRPC request routed to a cluster that speaks HTTP/1.1"))
+            .count(),
+        1
     );
 }

@@ -113,3 +113,52 @@ fn quitquitquit_shuts_down_like_sigterm() {
     let status = legate.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0));
 }
+
+/// 1. A WebSocket tunnel is open through an HTTP listener (101, then bytes).
+/// 2. SIGTERM with `--drain-timeout 1s`: legate does not exit while the
+///    tunnel is open (the tunnel belongs to the drain), the tunnel still
+///    carries bytes, and `legate_listener_connections_active` still counts it.
+/// 3. At the drain timeout the tunnel is closed and legate exits 0.
+#[test]
+fn drain_waits_for_a_websocket_tunnel_then_its_timeout_ends_it() {
+    let api = support::http::HttpBackend::start("api");
+    let mut legate = Legate::start_with(
+        &format!(
+            "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", protocol: http, cluster: api }}\nclusters:\n  - {{ name: api, endpoints: [ \"{}\" ] }}\n",
+            api.addr
+        ),
+        &["--drain-timeout", "1s"],
+    );
+    let mut client = support::http::Client::connect(legate.addr("web"));
+    client
+        .raw()
+        .get_mut()
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .unwrap();
+    assert_eq!(client.read_reply(false).unwrap().status, 101);
+    let mut tunnel_echo = |msg: &[u8]| {
+        client.raw().get_mut().write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        client.raw().read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    tunnel_echo(b"before");
+    assert_eq!(
+        legate.metric(r#"legate_listener_connections_active{listener="web"}"#),
+        1.0
+    );
+
+    legate.signal("TERM");
+    legate.wait_log(|l| l.contains("listeners closed, draining"));
+    assert!(legate.is_running(), "exited with a tunnel open");
+    tunnel_echo(b"while draining");
+
+    legate.wait_log(|l| l.contains("drain timeout passed"));
+    assert_eq!(legate.wait_exit(DEADLINE).code(), Some(0));
+    let mut buf = [0u8; 8];
+    match client.raw().read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("tunnel not closed: {other:?}"),
+    }
+}

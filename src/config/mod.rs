@@ -101,8 +101,12 @@ pub struct RouteConfig {
     pub request_headers: HeaderOpsConfig,
     #[serde(default)]
     pub response_headers: HeaderOpsConfig,
-    /// Until the whole response head arrives; then 504. Default 15s.
+    /// Until the whole response head arrives; then 504 (DEADLINE_EXCEEDED
+    /// for gRPC). Default 15s; `0s` means none.
     pub timeout: Option<HumanDuration>,
+    /// gRPC requests: the most a `grpc-timeout` header may ask for. Unset:
+    /// the header's deadline is taken as it is.
+    pub max_grpc_timeout: Option<HumanDuration>,
     /// Retries on another endpoint: connect failures for any method, 502/503
     /// and resets for idempotent ones. Default 0.
     #[serde(default)]
@@ -123,6 +127,7 @@ impl RouteConfig {
             request_headers: HeaderOpsConfig::default(),
             response_headers: HeaderOpsConfig::default(),
             timeout: None,
+            max_grpc_timeout: None,
             retries: 0,
             mirror: None,
         }

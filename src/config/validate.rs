@@ -418,7 +418,9 @@ pub(super) const PROBE_TIMEOUT: DurationRange = (ms(1), secs(HOUR));
 pub(super) const CONNECT_TIMEOUT: DurationRange = (ms(1), secs(300));
 pub(super) const DRAIN_GRACE: DurationRange = (Duration::ZERO, secs(DAY));
 pub(super) const TTL: DurationRange = (ms(100), secs(DAY));
-pub(super) const ROUTE_TIMEOUT: DurationRange = (ms(1), secs(DAY));
+/// 0 is "no route timeout" (long gRPC calls, streams that answer late).
+pub(super) const ROUTE_TIMEOUT: DurationRange = (Duration::ZERO, secs(DAY));
+pub(super) const GRPC_TIMEOUT: DurationRange = (ms(1), secs(DAY));
 pub(super) const HEADER_TIMEOUT: DurationRange = (ms(10), secs(HOUR));
 pub(super) const IDLE_TIMEOUT: DurationRange = (ms(10), secs(7 * DAY));
 /// Split weights: a sum of up to 1,000 entries stays far below u64's range.
@@ -685,6 +687,9 @@ pub(super) fn check_route(
     }
     if let Some(t) = r.timeout {
         in_range(at, file, loc, "timeout", t.0, ROUTE_TIMEOUT);
+    }
+    if let Some(t) = r.max_grpc_timeout {
+        in_range(at, file, loc, "max_grpc_timeout", t.0, GRPC_TIMEOUT);
     }
     if r.retries > MAX_RETRIES {
         at(

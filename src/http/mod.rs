@@ -39,6 +39,7 @@ use crate::table::RoutingTable;
 use crate::table::http::ConnLimits;
 use crate::upstream::pool::ProxyBody;
 
+pub mod grpc;
 pub mod proxy;
 
 /// What every request of one connection shares.

@@ -8,6 +8,7 @@
 //! another endpoint, within the route timeout, and within the retry budget.
 //! Errors legate makes itself are short text answers marked `server: legate`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::Conn;
+use super::{Conn, grpc};
 use crate::table::ListenerKind;
 use crate::table::Route;
 use crate::table::http::HttpRoute;
@@ -32,9 +33,23 @@ struct Answer {
     endpoint: Option<Arc<str>>,
 }
 
-/// Serves one request.
-pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
-    let conn = &*conn;
+/// Marks a response legate made itself, with the message a gRPC client gets.
+#[derive(Clone)]
+struct LegateError(Cow<'static, str>);
+
+/// Serves one request. legate's own errors on a gRPC call become
+/// trailers-only gRPC responses (counted by their HTTP status first).
+pub async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+    let is_grpc = grpc::is_grpc(req.headers());
+    let mut response = respond(req, &conn, is_grpc).await;
+    if is_grpc && let Some(LegateError(message)) = response.extensions_mut().remove() {
+        let code = grpc::code_for(response.status());
+        grpc::trailers_only(&mut response, code, &message);
+    }
+    response
+}
+
+async fn respond(mut req: Request<Incoming>, conn: &Conn, is_grpc: bool) -> Response<ProxyBody> {
     let began = Instant::now();
     let table = conn.tables.load();
     let Some(listener) = table.listener(&conn.listener) else {
@@ -58,14 +73,22 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Pro
         .then(|| (req.method().clone(), req.uri().path().to_string()));
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let target = route.target.pick();
-    let forwarded = forward(req, route, target, conn, client_upgrade);
-    let answer = match tokio::time::timeout(route.timeout, forwarded).await {
-        Ok(answer) => answer,
-        Err(_) => Answer {
-            response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
-            cluster: Some(target.cluster.name.clone()),
-            endpoint: None,
-        },
+    // A gRPC call's own deadline (capped by the route) replaces the route timeout.
+    let deadline = match (is_grpc, grpc::timeout(req.headers())) {
+        (true, Some(d)) => Some(route.max_grpc_timeout.map_or(d, |max| d.min(max))),
+        _ => route.timeout,
+    };
+    let forwarded = forward(req, route, target, conn, client_upgrade, is_grpc);
+    let timed_out = || Answer {
+        response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
+        cluster: Some(target.cluster.name.clone()),
+        endpoint: None,
+    };
+    let answer = match deadline {
+        Some(d) => tokio::time::timeout(d, forwarded)
+            .await
+            .unwrap_or_else(|_| timed_out()),
+        None => forwarded.await,
     };
     let Answer {
         mut response,
@@ -97,7 +120,23 @@ async fn forward(
     target: &Route,
     conn: &Conn,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    is_grpc: bool,
 ) -> Answer {
+    if is_grpc && !target.cluster.may_speak_http2() {
+        let cluster = &target.cluster.name;
+        if target.cluster.first_grpc_over_http1() {
+            tracing::warn!(cluster = %cluster,
+                "gRPC request routed to a cluster that speaks HTTP/1.1: set `http2: true` on it (logged once)");
+        }
+        return Answer {
+            response: error_owned(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster \"{cluster}\" speaks HTTP/1.1; gRPC needs `http2: true` on it"),
+            ),
+            cluster: Some(cluster.clone()),
+            endpoint: None,
+        };
+    }
     let (mut parts, body) = req.into_parts();
     let upgrade = client_upgrade.is_some();
     clean_request_headers(&mut parts.headers, upgrade);
@@ -355,7 +394,8 @@ fn mirror(
     copy_parts.extensions = http::Extensions::new();
     let cluster = mirror.cluster.clone();
     let client = conn.client;
-    let timeout = route.timeout;
+    // A mirror is bounded even when its route is not.
+    let timeout = route.timeout.unwrap_or(MIRROR_TIMEOUT);
     let drivers = conn.drivers.clone();
     conn.tasks.spawn(async move {
         let copy_body = if empty {
@@ -525,13 +565,22 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// How long a mirrored request may take when its route has no timeout.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// An answer legate makes itself.
 fn error(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from_static(message.as_bytes()))
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
+    error_owned(status, Cow::Borrowed(message))
+}
+
+fn error_owned(status: StatusCode, message: impl Into<Cow<'static, str>>) -> Response<ProxyBody> {
+    let message = message.into();
+    let body = match &message {
+        Cow::Borrowed(m) => Bytes::from_static(m.as_bytes()),
+        Cow::Owned(m) => Bytes::from(format!("{m}\n")),
+    };
+    let mut resp = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    resp.extensions_mut().insert(LegateError(message));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

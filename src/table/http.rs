@@ -45,8 +45,10 @@ pub struct HttpRoute {
     pub rewrite_prefix: Option<Box<str>>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
-    /// Until the response head arrives.
-    pub timeout: Duration,
+    /// Until the response head arrives; `None`: no limit.
+    pub timeout: Option<Duration>,
+    /// Cap on a gRPC request's own `grpc-timeout`; `None`: taken as it is.
+    pub max_grpc_timeout: Option<Duration>,
     pub retries: u32,
     pub budget: RetryBudget,
     pub mirror: Option<Mirror>,
@@ -98,7 +100,8 @@ pub struct RetryBudget {
 
 /// Metric handles of a route.
 pub struct RouteMetrics {
-    pub seconds: Histogram,
+    /// Per status class 1xx..5xx.
+    pub seconds: [Histogram; 5],
     /// Per cluster the route may use (its targets and failovers): counters
     /// for 1xx..5xx.
     pub by_cluster: Box<[(Arc<str>, [IntCounter; 5])]>,
@@ -211,8 +214,8 @@ impl HttpRoute {
 
     /// Counts a finished request.
     pub fn count(&self, cluster: &str, status: u16, elapsed: Duration) {
-        self.metrics.seconds.observe(elapsed.as_secs_f64());
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.metrics.seconds[class].observe(elapsed.as_secs_f64());
         if let Some((_, counters)) = self
             .metrics
             .by_cluster

@@ -49,6 +49,9 @@ pub struct Cluster {
     cursor: AtomicUsize,
     /// Set when the background tasks (DNS, health probes, pool expiry) have been started.
     started: AtomicBool,
+    /// Set at the first gRPC request routed here while it speaks HTTP/1.1
+    /// (warned about once, not per request).
+    grpc_over_http1: AtomicBool,
     /// Ends the background tasks. Cancelled by the reload that publishes a
     /// table without this cluster (`retire`), not when the last `Arc` drops:
     /// an old generation kept alive by one open connection must not keep
@@ -147,6 +150,7 @@ impl Cluster {
             resolved_once: AtomicBool::new(!has_names),
             cursor: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            grpc_over_http1: AtomicBool::new(false),
             stop: CancellationToken::new(),
             metrics,
         }
@@ -211,6 +215,17 @@ impl Cluster {
     /// DNS name and port it was resolved from).
     pub fn lists(&self, endpoint: &Endpoint) -> bool {
         listed(&self.spec, endpoint)
+    }
+
+    /// Whether HTTP connections to it may be HTTP/2: `http2: true`, or TLS
+    /// that offers `h2` by ALPN.
+    pub fn may_speak_http2(&self) -> bool {
+        self.spec.http2 || self.spec.tls.as_ref().is_some_and(|t| t.offers_h2)
+    }
+
+    /// True the first time a gRPC request is routed here over HTTP/1.1.
+    pub fn first_grpc_over_http1(&self) -> bool {
+        !self.grpc_over_http1.swap(true, Ordering::Relaxed)
     }
 
     pub fn metrics(&self) -> &ClusterMetrics {
