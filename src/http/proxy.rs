@@ -61,6 +61,10 @@ async fn respond(mut req: Request<Incoming>, conn: &Conn, is_grpc: bool) -> Resp
             "listener is no longer HTTP\n",
         );
     };
+    if let Some(why) = malformed(&req) {
+        http.no_route.inc();
+        return error(StatusCode::BAD_REQUEST, why);
+    }
     let Some(route) = http.route(&req) else {
         http.no_route.inc();
         return error(StatusCode::NOT_FOUND, "no route matched\n");
@@ -166,6 +170,9 @@ async fn forward(
     // may need it again; cloning a header map per request is measurable.
     let keep_parts = route.retries > 0 && idempotent && replayable;
     let mut parts = Some(parts);
+    // Requests an HTTP/2 upstream refused unprocessed (GOAWAY, REFUSED_STREAM)
+    // go again on a fresh connection, without spending a retry, this often.
+    let mut unprocessed_left = UNPROCESSED_RETRIES;
     // A request a stale pooled connection handed back unsent.
     let mut pending: Option<Request<ProxyBody>> = None;
 
@@ -224,7 +231,10 @@ async fn forward(
                     // A retry of a request without a body.
                     None => Empty::new().map_err(|e| match e {}).boxed_unsync(),
                 };
-                let head = match (&parts, keep_parts) {
+                // An HTTP/2 upstream may refuse a stream unprocessed: keep
+                // the head of a body-less request to send it again.
+                let h2 = matches!(sender, Sender::H2(_));
+                let head = match (&parts, keep_parts || (replayable && h2)) {
                     (Some(p), true) => Some(p.clone()),
                     _ => parts.take(),
                 };
@@ -284,6 +294,26 @@ async fn forward(
                     };
                 }
             }
+            Outcome::Failed(e) if e.is_user() => {
+                // The app's request body broke (say, an invalid chunk size):
+                // the client's fault, not the upstream's.
+                tracing::debug!(cluster = %cluster.name, error = %e, "malformed request body");
+                return Answer {
+                    response: error(StatusCode::BAD_REQUEST, "malformed request body\n"),
+                    cluster: labels.0,
+                    endpoint: labels.1,
+                };
+            }
+            Outcome::Failed(e)
+                if unprocessed(&e) && replayable && parts.is_some() && unprocessed_left > 0 =>
+            {
+                // Never processed (RFC 9113 §8.7): safe to send again for any
+                // method, on a new connection; this one takes no new streams.
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
+                    "upstream refused the request unprocessed; sending it again");
+                endpoint.pool.forget_h2();
+                unprocessed_left -= 1;
+            }
             Outcome::Failed(e) => {
                 tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e, "upstream request failed");
                 if idempotent && replayable && retries_left > 0 && route.budget.withdraw() {
@@ -298,6 +328,24 @@ async fn forward(
             }
         }
     }
+}
+
+/// How many times a request refused unprocessed is sent again.
+const UNPROCESSED_RETRIES: u32 = 3;
+
+/// Whether an HTTP/2 upstream refused the stream before processing it: a
+/// graceful GOAWAY (NO_ERROR) reaching a stream means its id was above the
+/// GOAWAY's last-stream-id; REFUSED_STREAM says so outright.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = err.source();
+    }
+    false
 }
 
 enum Outcome {
@@ -498,6 +546,29 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
     }));
 }
 
+/// Longest method legate forwards (the longest registered one has 17 bytes).
+const MAX_METHOD_LEN: usize = 32;
+
+/// Why a request whose head parsed is still not one to forward (RFC 9112
+/// §3.2, RFC 9110 §7.6.1), if it is not.
+fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.method().as_str().len() > MAX_METHOD_LEN {
+        return Some("method too long\n");
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host header\n");
+    }
+    if req.version() == Version::HTTP_11 && first_host.is_none() {
+        return Some("HTTP/1.1 request without a Host header\n");
+    }
+    if connection_has(req.headers(), "host") {
+        return Some("Connection header names Host\n");
+    }
+    None
+}
+
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -531,6 +602,11 @@ fn clean_response_headers(headers: &mut HeaderMap) {
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // RFC 9112 §6.3: with both, Transfer-Encoding framed the message and
+    // Content-Length is wrong; passed on, it would truncate the body.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -97,6 +97,12 @@ impl Pool {
         self.h2.store(Some(Arc::new(sender)));
     }
 
+    /// Lets the shared HTTP/2 connection go (it refused a stream: GOAWAY);
+    /// the next request opens a new one, streams still on it finish.
+    pub fn forget_h2(&self) {
+        self.h2.store(None);
+    }
+
     /// Closes every idle connection (the way to connect changed).
     pub fn clear(&self) {
         self.expire(u64::MAX);
