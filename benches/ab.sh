@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two legate builds, same machine, same run: did a change cost CPU per request?
 #
-#   bash benches/ab.sh OLD_BINARY NEW_BINARY [rounds] [seconds]
+#   bash benches/ab.sh OLD_BINARY NEW_BINARY [rounds] [seconds]   (TESTS="keepalive" for one line)
 #
 # Both run --threads 1 pinned to CPU 1 behind the same nginx `return 200`
 # backend; wrk (-t1 -c50) and the backend share CPU 0. Rounds alternate
@@ -43,7 +43,7 @@ run() { # variant, extra wrk args -> µs CPU per request
   awk -v c=$((c1-c0)) -v n=${reqs:-1} -v hz=$HZ 'BEGIN {printf "%.2f\n", c/hz*1e6/n}'
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-for test in keepalive close; do
+for test in ${TESTS:-keepalive close}; do
   args=(); [ $test = close ] && args=(-H "Connection: close")
   : > $W/$test.a; : > $W/$test.b
   for r in $(seq $ROUNDS); do

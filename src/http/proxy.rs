@@ -78,9 +78,10 @@ async fn respond(mut req: Request<Incoming>, conn: &Conn, is_grpc: bool) -> Resp
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let target = route.target.pick();
     // A gRPC call's own deadline (capped by the route) replaces the route timeout.
-    let deadline = match (is_grpc, grpc::timeout(req.headers())) {
-        (true, Some(d)) => Some(route.max_grpc_timeout.map_or(d, |max| d.min(max))),
-        _ => route.timeout,
+    let grpc_deadline = is_grpc.then(|| grpc::timeout(req.headers())).flatten();
+    let deadline = match grpc_deadline {
+        Some(d) => Some(route.max_grpc_timeout.map_or(d, |max| d.min(max))),
+        None => route.timeout,
     };
     let forwarded = forward(req, route, target, conn, client_upgrade, is_grpc);
     let timed_out = || Answer {
