@@ -629,3 +629,28 @@ fn transfer_encoding_wins_over_content_length() {
     );
     assert!(text.ends_with(&"x".repeat(40)), "{text}");
 }
+
+/// A request with both `Content-Length` and `Transfer-Encoding: chunked`:
+/// the chunked framing wins (RFC 9112 §6.3), and what the backend receives is
+/// the whole decoded body with no stale Content-Length.
+#[test]
+fn request_transfer_encoding_wins_over_content_length() {
+    let api = HttpBackend::start("api");
+    let legate = Legate::start(&http_listener(
+        "      - cluster: api",
+        &cluster("api", &[api.addr], ""),
+    ));
+    let reply = raw_exchange(
+        legate.addr("web"),
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+    );
+    if reply.starts_with("HTTP/1.1 400") {
+        // Rejecting the ambiguous message outright is the other answer RFC 9112 allows.
+        assert_eq!(api.requests(), 0, "{reply}");
+        return;
+    }
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let seen = api.last();
+    assert_eq!(seen["body"], "hello world", "{seen}");
+    assert!(seen["headers"]["content-length"].is_null(), "{seen}");
+}
