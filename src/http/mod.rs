@@ -41,6 +41,7 @@ use crate::upstream::pool::ProxyBody;
 
 pub mod grpc;
 pub mod proxy;
+mod replay;
 
 /// What every request of one connection shares.
 pub struct Conn {

@@ -2,10 +2,14 @@
 //! that is safe), and stream the answer back.
 //!
 //! Bodies are never buffered: the app's body streams to the upstream and the
-//! upstream's body streams back. A request is retried only when that cannot
-//! repeat a side effect: after a failed connect (nothing was sent), or, for an
-//! idempotent method without a body, after a 502/503 or a reset; always on
-//! another endpoint, within the route timeout, and within the retry budget.
+//! upstream's body streams back (only a request body sent to an HTTP/2
+//! upstream keeps its first 64 KiB, see [`super::replay`]). A request is
+//! retried only when that cannot repeat a side effect: after a failed connect
+//! (nothing was sent), or, for an idempotent method without a body, after a
+//! 502/503 or a reset; always on another endpoint, within the route timeout,
+//! and within the retry budget. A request the upstream refused unprocessed
+//! (HTTP/2 GOAWAY or REFUSED_STREAM, a stale pooled HTTP/1.1 connection) goes
+//! again for any method, without spending a retry.
 //! Errors legate makes itself are short text answers marked `server: legate`.
 
 use std::borrow::Cow;
@@ -19,6 +23,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
+use super::replay::Replay;
 use super::{Conn, grpc};
 use crate::table::ListenerKind;
 use crate::table::Route;
@@ -176,6 +181,9 @@ async fn forward(
     let mut unprocessed_left = UNPROCESSED_RETRIES;
     // A request a stale pooled connection handed back unsent.
     let mut pending: Option<Request<ProxyBody>> = None;
+    // The body of a request with one, sent to an HTTP/2 upstream: kept (up
+    // to a limit) in case the upstream refuses it unprocessed.
+    let mut replay: Option<Replay> = None;
 
     loop {
         let connected = upstream::connect_http(
@@ -227,15 +235,29 @@ async fn forward(
         let request = match pending.take() {
             Some(request) => request,
             None => {
-                let this_body = match body.take() {
-                    Some(b) => b,
-                    // A retry of a request without a body.
-                    None => Empty::new().map_err(|e| match e {}).boxed_unsync(),
-                };
                 // An HTTP/2 upstream may refuse a stream unprocessed: keep
-                // the head of a body-less request to send it again.
+                // the head (and the body) to send it again.
                 let h2 = matches!(sender, Sender::H2(_));
-                let head = match (&parts, keep_parts || (replayable && h2)) {
+                let this_body = match (body.take(), &replay) {
+                    (Some(b), _) if h2 && !replayable => {
+                        let kept = Replay::new(b);
+                        let first = kept.attempt();
+                        replay = Some(kept);
+                        first
+                    }
+                    (Some(b), _) => Some(b),
+                    (None, Some(kept)) => kept.attempt(),
+                    // A retry of a request without a body.
+                    (None, None) => Some(Empty::new().map_err(|e| match e {}).boxed_unsync()),
+                };
+                let Some(this_body) = this_body else {
+                    return Answer {
+                        response: error(StatusCode::BAD_GATEWAY, "request cannot be repeated\n"),
+                        cluster: labels.0,
+                        endpoint: labels.1,
+                    };
+                };
+                let head = match (&parts, keep_parts || h2) {
                     (Some(p), true) => Some(p.clone()),
                     _ => parts.take(),
                 };
@@ -253,6 +275,9 @@ async fn forward(
         let sent = send(sender, request, &endpoint).await;
         match sent {
             Outcome::Response(mut response) => {
+                if let Some(kept) = &replay {
+                    kept.settle();
+                }
                 let status = response.status();
                 let retryable_status =
                     status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE;
@@ -306,7 +331,10 @@ async fn forward(
                 };
             }
             Outcome::Failed(e)
-                if unprocessed(&e) && replayable && parts.is_some() && unprocessed_left > 0 =>
+                if unprocessed(&e)
+                    && parts.is_some()
+                    && unprocessed_left > 0
+                    && (replayable || replay.as_ref().is_some_and(Replay::can_repeat)) =>
             {
                 // Never processed (RFC 9113 §8.7): safe to send again for any
                 // method, on a new connection; this one takes no new streams.
