@@ -412,6 +412,7 @@ async fn dispatch(
                 tasks: http.tasks,
                 drivers: http.drivers,
                 tunnels: TaskTracker::new(),
+                rejected: h.no_route.clone(),
             };
             let limits = h.limits;
             drop(table);

@@ -239,6 +239,9 @@ pub fn compile(
                         header_timeout: l.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |t| t.0),
                         idle_timeout: l.idle_timeout.map_or(DEFAULT_HTTP_IDLE_TIMEOUT, |t| t.0),
                         max_headers_size: l.max_request_headers_size as usize,
+                        stream_idle_timeout: l
+                            .stream_idle_timeout
+                            .map_or(DEFAULT_STREAM_IDLE_TIMEOUT, |t| t.0),
                     },
                 })
             }
@@ -265,6 +268,7 @@ const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// clients and load balancers keep idle connections, so legate is not the one
 /// surprising them mid-request.
 const DEFAULT_HTTP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const DEFAULT_STREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Listener {
     /// Every route (listener → cluster path) this listener may use.

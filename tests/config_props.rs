@@ -105,6 +105,8 @@ fn config(echo: SocketAddr) -> impl Strategy<Value = String> {
             }
             if let Some(t) = idle {
                 y += &format!("    idle_timeout: {t}\n");
+                // The same edge values test the per-request idle limit.
+                y += &format!("    stream_idle_timeout: {t}\n");
             }
             if let Some(n) = size {
                 y += &format!("    max_request_headers_size: {n}\n");

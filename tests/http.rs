@@ -558,7 +558,8 @@ fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 /// Requests that parse but must not be forwarded (RFC 9112 §3.2, RFC 9110
 /// §7.6.1) get legate's own 400 (`server: legate`), are counted, and never
 /// reach the backend: no Host on HTTP/1.1, two Host headers, `Connection:
-/// host`, a 40-byte method. An invalid chunk size in a request body is a 400
+/// host`, a 40-byte method, and heads that do not parse (a header line without
+/// a colon, a control byte in the target, two Content-Lengths). An invalid chunk size in a request body is a 400
 /// too, counted on the route, with no upstream error logged against the cluster.
 #[test]
 fn ambiguous_requests_get_400_from_legate() {
@@ -576,6 +577,10 @@ fn ambiguous_requests_get_400_from_legate() {
             "{} / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
             "M".repeat(40)
         ),
+        // Heads hyper itself cannot parse: its answer is marked and counted too.
+        "GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n".to_string(),
+        "GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".to_string(),
     ] {
         let reply = raw_exchange(addr, request.as_bytes());
         assert!(reply.starts_with("HTTP/1.1 400"), "{request:?}: {reply}");
@@ -589,7 +594,7 @@ fn ambiguous_requests_get_400_from_legate() {
         legate.metric(
             r#"legate_http_requests_total{cluster="none",code="4xx",listener="web",route="none"}"#
         ),
-        4.0
+        7.0
     );
 
     let reply = raw_exchange(

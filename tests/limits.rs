@@ -97,8 +97,8 @@ fn idle_keep_alive_is_closed_by_idle_timeout() {
 }
 
 /// 1. An HTTP listener with the default head limit (64 KiB).
-/// 2. A request with a 70 KiB header gets 431, not a 400 or a reset, and
-///    nothing reaches the backend.
+/// 2. A request with a 70 KiB header gets 431 (marked `server: legate` and
+///    counted), not a 400 or a reset, and nothing reaches the backend.
 #[test]
 fn oversized_request_head_gets_431() {
     let api = HttpBackend::start("api");
@@ -111,7 +111,14 @@ fn oversized_request_head_gets_431() {
     let mut reply = String::new();
     let _ = s.read_to_string(&mut reply);
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
+    assert!(reply.contains("server: legate"), "{reply:.200}");
     assert_eq!(api.requests(), 0);
+    assert_eq!(
+        legate.metric(
+            r#"legate_http_requests_total{cluster="none",code="4xx",listener="web",route="none"}"#
+        ),
+        1.0
+    );
 }
 
 /// 1. A TCP listener with `idle_timeout: 500ms` to an echo backend.
@@ -322,4 +329,180 @@ fn pooled_upstream_connections_expire_when_idle() {
         2,
         "the idle pooled connection was closed"
     );
+}
+
+/// A backend that runs `script` on each accepted connection (in its own
+/// thread), after reading the request head.
+fn scripted_backend(script: fn(TcpStream, Vec<u8>)) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                script(stream, head);
+            });
+        }
+    });
+    addr
+}
+
+fn stream_listener(backend: SocketAddr, route: &str) -> String {
+    format!(
+        "listeners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    protocol: http\n    stream_idle_timeout: 500ms\n    routes: [ {{ cluster: api{route} }} ]\nclusters:\n  - {{ name: api, endpoints: [ \"{backend}\" ] }}\n"
+    )
+}
+
+fn read_all(s: &mut TcpStream) -> (Vec<u8>, Duration) {
+    let began = Instant::now();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (out, began.elapsed())
+}
+
+/// 1. An HTTP listener with `stream_idle_timeout: 500ms`; the backend sends
+///    a response head and one chunk, then goes quiet (keeping the socket).
+/// 2. The client gets the chunk, then the connection closes about 500 ms
+///    later without the last chunk (the body is visibly incomplete).
+/// 3. A backend that sends a chunk every 150 ms for 1.8 s is not cut.
+#[test]
+fn a_quiet_stream_is_ended_by_stream_idle_timeout_and_a_trickle_is_not() {
+    let quiet = scripted_backend(|mut s, _| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let legate = Legate::start(&stream_listener(quiet, ""));
+    let mut client = TcpStream::connect(legate.addr("web")).unwrap();
+    client
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (got, took) = read_all(&mut client);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.contains("hello"),
+        "{got}"
+    );
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "a cut stream must not look complete: {got}"
+    );
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "ended after {took:?}"
+    );
+
+    let trickle = scripted_backend(|mut s, _| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        );
+        for _ in 0..12 {
+            std::thread::sleep(Duration::from_millis(150));
+            let _ = s.write_all(b"1\r\n.\r\n");
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let legate = Legate::start(&stream_listener(trickle, ""));
+    let mut client = TcpStream::connect(legate.addr("web")).unwrap();
+    client
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (got, _) = read_all(&mut client);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.ends_with("0\r\n\r\n") && got.matches('.').count() >= 12,
+        "{got}"
+    );
+}
+
+/// 1. A route with `timeout: 0s` (none) and `stream_idle_timeout: 500ms`.
+/// 2. A backend that never answers: the client gets legate's 504 after about
+///    500 ms instead of waiting forever.
+/// 3. A backend that answers only once it has read a request body the client
+///    uploads over 1.5 s, in pieces 200 ms apart: the upload is activity, so
+///    the request succeeds.
+#[test]
+fn a_route_without_timeout_waits_as_long_as_the_stream_moves() {
+    let silent = scripted_backend(|_s, _| std::thread::sleep(Duration::from_secs(20)));
+    let legate = Legate::start(&stream_listener(silent, ", timeout: 0s"));
+    let began = Instant::now();
+    let (status, body) = support::http_request(legate.addr("web"), "GET", "/slow");
+    assert_eq!(status, 504, "{body}");
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "504 after {took:?}"
+    );
+
+    let reader = scripted_backend(|mut s, _| {
+        // Read the chunked body to its last chunk, then answer.
+        let mut body = Vec::new();
+        let mut buf = [0u8; 256];
+        while !body.ends_with(b"0\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+    });
+    let legate = Legate::start(&stream_listener(reader, ", timeout: 0s"));
+    let mut client = TcpStream::connect(legate.addr("web")).unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(200));
+        client.write_all(b"2\r\nab\r\n").unwrap();
+    }
+    client.write_all(b"0\r\n\r\n").unwrap();
+    let (got, _) = read_all(&mut client);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+/// 1. `stream_idle_timeout: 500ms`; a backend sends a 64 MiB response.
+/// 2. The client sends its request and then reads nothing for 2 s, so legate
+///    can write nothing and its response body is never polled.
+/// 3. legate closes the stalled connection: the client, reading at last, gets
+///    what the socket buffers held and then the end, far short of 64 MiB.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_stream_idle_timeout() {
+    const SIZE: usize = 64 << 20;
+    let big = scripted_backend(|mut s, _| {
+        let _ =
+            s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes());
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let legate = Legate::start(&stream_listener(big, ""));
+    let mut client = TcpStream::connect(legate.addr("web")).unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    assert!(total > 0 && total < SIZE / 2, "read {total} bytes");
+    legate.wait_log(|l| l.contains("the client took no response bytes for stream_idle_timeout"));
 }

@@ -79,6 +79,9 @@ pub struct ListenerConfig {
     /// this (default 60s). TCP: a connection that moved no byte either way for
     /// this long is closed (default: never).
     pub idle_timeout: Option<HumanDuration>,
+    /// HTTP: a request whose bodies moved no byte either way for this long
+    /// is ended (default 5m, as Envoy's stream idle timeout).
+    pub stream_idle_timeout: Option<HumanDuration>,
     /// HTTP: the largest request head in bytes; a bigger one gets 431. Default 65536.
     #[serde(default = "default_max_request_headers_size")]
     pub max_request_headers_size: u32,

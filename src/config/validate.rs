@@ -350,6 +350,16 @@ pub(super) fn merge(
             if let Some(t) = l.header_timeout {
                 in_range(&mut at, file, owner, "header_timeout", t.0, HEADER_TIMEOUT);
             }
+            if let Some(t) = l.stream_idle_timeout {
+                in_range(
+                    &mut at,
+                    file,
+                    owner,
+                    "stream_idle_timeout",
+                    t.0,
+                    IDLE_TIMEOUT,
+                );
+            }
             if !HEADERS_SIZE.contains(&l.max_request_headers_size) {
                 at(
                     file,
@@ -363,13 +373,14 @@ pub(super) fn merge(
                 );
             }
         } else if l.header_timeout.is_some()
+            || l.stream_idle_timeout.is_some()
             || l.max_request_headers_size != super::default_max_request_headers_size()
         {
             at(
                 file,
                 owner,
                 format!(
-                    "listener \"{name}\": header_timeout and max_request_headers_size are for protocol: http"
+                    "listener \"{name}\": header_timeout, stream_idle_timeout and max_request_headers_size are for protocol: http"
                 ),
             );
         }

@@ -9,18 +9,20 @@
 //!
 //! The connection owns its timeouts ([`ConnLimits`]): a request head must
 //! arrive within `header_timeout` of its first byte (slowloris), and a
-//! connection with no request in flight is closed after `idle_timeout`. One
-//! watchdog per connection reads three atomics that the connection's reads and
-//! requests keep current, and wakes every half header timeout (or at the
-//! nearest deadline), so a connection pays a few relaxed stores per request
-//! and no timer per request.
+//! connection with no request in flight is closed after `idle_timeout`, one
+//! with requests in flight whose client took none of legate's writes for
+//! `stream_idle_timeout` too (it stopped reading). One watchdog per
+//! connection reads atomics that the connection's reads, writes and requests
+//! keep current, and wakes every half timeout (or at the nearest deadline),
+//! so a connection pays a few relaxed stores per request and no timer per
+//! request. Each request's own bodies are watched by [`idle`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -38,8 +40,10 @@ use crate::shutdown::Tasks;
 use crate::table::RoutingTable;
 use crate::table::http::ConnLimits;
 use crate::upstream::pool::ProxyBody;
+use idle::{ResponseIdle, StreamIdle};
 
 pub mod grpc;
+mod idle;
 pub mod proxy;
 mod replay;
 
@@ -56,6 +60,9 @@ pub struct Conn {
     /// This connection's upgrade tunnels: it ends only after them, so its
     /// connection slot, fd and gauge count a WebSocket for its whole life.
     pub tunnels: TaskTracker,
+    /// Counts the requests rejected before routing (the listener's
+    /// `route="none"` 4xx series), including heads hyper could not parse.
+    pub rejected: prometheus::IntCounter,
 }
 
 /// Serves one accepted connection until it ends, its head or idle timeout
@@ -72,14 +79,18 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
         .max_header_list_size(u32::try_from(limits.max_headers_size).unwrap_or(u32::MAX));
     let tunnels = conn.tunnels.clone();
     let conn = Arc::new(conn);
+    let rejected = conn.rejected.clone();
     let requests = activity.clone();
-    let service = service_fn(move |req| {
+    let stream_idle = limits.stream_idle_timeout;
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
         let in_flight = InFlight::start(requests.clone());
+        let idle = StreamIdle::new(stream_idle, !req.body().is_end_stream());
         async move {
-            let response = proxy::handle(req, conn).await;
+            let response = proxy::handle(req, conn, &idle).await;
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 body,
+                idle: idle.response(),
                 _in_flight: in_flight,
             }))
         }
@@ -87,6 +98,8 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
     let io = Watched {
         inner: stream,
         activity: activity.clone(),
+        rejected,
+        rewrite: None,
     };
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
@@ -102,6 +115,11 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
             // A head that never completes: nothing to be graceful about.
             Expired::Head => {
                 tracing::debug!("closing connection: request head not received within header_timeout");
+                return;
+            }
+            // A client that stopped reading: graceful would wait forever.
+            Expired::Stalled => {
+                tracing::debug!("closing connection: the client took no response bytes for stream_idle_timeout");
                 return;
             }
             Expired::Idle => tracing::debug!("closing connection: idle_timeout"),
@@ -123,6 +141,9 @@ struct Activity {
     /// Only tracked for HTTP/1.x: an idle HTTP/2 connection still receives
     /// pings and settings, which are not requests.
     head_since: AtomicU64,
+    /// [`now_ms`] since when the client has not taken what legate writes; 0:
+    /// writes go through.
+    write_blocked_since: AtomicU64,
     /// Set from the first bytes: HTTP/2 prior knowledge starts with "PRI".
     http2: std::sync::atomic::AtomicBool,
     /// Whether the first bytes were seen.
@@ -134,6 +155,7 @@ struct Activity {
 enum Expired {
     Head,
     Idle,
+    Stalled,
 }
 
 impl Activity {
@@ -142,6 +164,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(now_ms()),
             head_since: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(0),
             http2: false.into(),
             sniffed: false.into(),
         }
@@ -163,22 +186,42 @@ impl Activity {
         }
     }
 
+    /// A write went through, or found the socket full.
+    fn write_polled(&self, blocked: bool) {
+        let since = self.write_blocked_since.load(Ordering::Relaxed);
+        if blocked && since == 0 {
+            self.write_blocked_since
+                .store(now_ms().max(1), Ordering::Relaxed);
+        } else if !blocked && since != 0 {
+            self.write_blocked_since.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Returns when a deadline passes: a head incomplete for
-    /// `header_timeout`, or no request in flight for `idle_timeout`.
+    /// `header_timeout`, no request in flight for `idle_timeout`, or a client
+    /// that took none of legate's writes for `stream_idle_timeout`.
     async fn expired(&self, limits: ConnLimits) -> Expired {
-        let (head_ms, idle_ms) = (
+        let (head_ms, idle_ms, stream_ms) = (
             limits.header_timeout.as_millis() as u64,
             limits.idle_timeout.as_millis() as u64,
+            limits.stream_idle_timeout.as_millis() as u64,
         );
         // Nothing wakes the watchdog when a head begins or a request ends
         // (that would cost a wake-up per request), so it looks at least this
         // often: a deadline is acted on within half a timeout of passing.
-        let look_every = (head_ms.min(idle_ms) / 2).max(1);
+        let look_every = (head_ms.min(idle_ms).min(stream_ms) / 2).max(1);
         loop {
             let now = now_ms();
             let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
-                // Busy: the route timeout governs; look again later.
-                look_every
+                // Busy: the route timeout and the streams' own idle limits
+                // govern (a response body is not even polled while its
+                // writes are blocked), so this only catches a client that
+                // stopped reading.
+                match self.write_blocked_since.load(Ordering::Relaxed) {
+                    0 => look_every,
+                    since if now >= since + stream_ms => return Expired::Stalled,
+                    since => (since + stream_ms).saturating_sub(now),
+                }
             } else {
                 let head = self.head_since.load(Ordering::Relaxed);
                 if head != 0 {
@@ -220,9 +263,11 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is done.
+/// A response body that keeps its request in flight until it is done, and
+/// ends it when it goes quiet for the stream idle timeout.
 struct Tracked {
     body: ProxyBody,
+    idle: ResponseIdle,
     /// Dropped with the body: the request is done.
     _in_flight: InFlight,
 }
@@ -235,7 +280,19 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.idle.moved();
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match self.idle.poll_expired(cx) {
+                Poll::Ready(expired) => {
+                    tracing::debug!("ending a response: stream_idle_timeout");
+                    Poll::Ready(Some(Err(expired.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -247,10 +304,72 @@ impl Body for Tracked {
     }
 }
 
-/// The client socket, telling the watchdog when bytes arrive.
+/// The client socket, telling the watchdog when bytes arrive and whether
+/// writes go through. It also marks the one answer hyper writes by itself:
+/// the 400 (or 431, 505) for a head it could not parse, which gets
+/// `server: legate` like every answer legate makes, and is counted.
 struct Watched {
     inner: TcpStream,
     activity: Arc<Activity>,
+    rejected: prometheus::IntCounter,
+    /// hyper's error answer with our header added, and how much of it went.
+    rewrite: Option<Rewrite>,
+}
+
+struct Rewrite {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// What hyper asked to write: reported written once all of `bytes` is.
+    asked: usize,
+}
+
+impl Watched {
+    /// Whether `buf` is hyper answering a head it could not parse: an error
+    /// status while a head was being read and no request is in flight (our
+    /// own answers always belong to a request).
+    fn is_parse_error_answer(&self, buf: &[u8]) -> bool {
+        let a = &self.activity;
+        buf.len() > 12
+            && buf.starts_with(b"HTTP/1.1 ")
+            && matches!(buf[9], b'4' | b'5')
+            && !a.http2.load(Ordering::Relaxed)
+            && a.in_flight.load(Ordering::Relaxed) == 0
+            && a.head_since.load(Ordering::Relaxed) != 0
+    }
+
+    /// Writes the marked answer; `Ready` once all of it went.
+    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some(r) = &mut self.rewrite else {
+            return Poll::Ready(Ok(0));
+        };
+        while r.sent < r.bytes.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &r.bytes[r.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            r.sent += n;
+        }
+        let asked = r.asked;
+        self.rewrite = None;
+        Poll::Ready(Ok(asked))
+    }
+
+    fn start_rewrite(&mut self, buf: &[u8]) {
+        let line_end = buf
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(buf.len(), |i| i + 2);
+        let mut bytes = Vec::with_capacity(buf.len() + 40);
+        bytes.extend_from_slice(&buf[..line_end]);
+        bytes.extend_from_slice(b"server: legate\r\nvia: 1.1 legate\r\n");
+        bytes.extend_from_slice(&buf[line_end..]);
+        self.rejected.inc();
+        self.rewrite = Some(Rewrite {
+            bytes,
+            sent: 0,
+            asked: buf.len(),
+        });
+    }
 }
 
 impl AsyncRead for Watched {
@@ -276,7 +395,15 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.rewrite.is_none() && self.is_parse_error_answer(buf) {
+            self.start_rewrite(buf);
+        }
+        if self.rewrite.is_some() {
+            return self.poll_rewrite(cx);
+        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_polled(polled.is_pending());
+        polled
     }
 
     fn poll_write_vectored(
@@ -284,7 +411,16 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        // hyper writes its error answer as one head, without a body.
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && (self.rewrite.is_some() || self.is_parse_error_answer(first))
+        {
+            let first: &[u8] = first;
+            return self.poll_write(cx, first);
+        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_polled(polled.is_pending());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -309,6 +445,7 @@ mod tests {
             header_timeout: Duration::from_millis(50),
             idle_timeout: Duration::from_millis(200),
             max_headers_size: 65536,
+            stream_idle_timeout: Duration::from_millis(300),
         }
     }
 
@@ -344,5 +481,15 @@ mod tests {
         assert!(waited.is_err(), "a request in flight keeps the connection");
         drop(busy);
         assert_eq!(a.expired(limits()).await, Expired::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_no_writes_stalls() {
+        let a = Arc::new(Activity::new());
+        let _busy = InFlight::start(a.clone());
+        a.write_polled(true);
+        let began = std::time::Instant::now();
+        assert_eq!(a.expired(limits()).await, Expired::Stalled);
+        assert!(began.elapsed() >= Duration::from_millis(290));
     }
 }

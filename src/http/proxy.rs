@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
+use super::idle::{RequestBody, StreamIdle};
 use super::replay::Replay;
 use super::{Conn, grpc};
 use crate::table::ListenerKind;
@@ -44,9 +45,13 @@ struct LegateError(Cow<'static, str>);
 
 /// Serves one request. legate's own errors on a gRPC call become
 /// trailers-only gRPC responses (counted by their HTTP status first).
-pub async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<Conn>,
+    idle: &StreamIdle,
+) -> Response<ProxyBody> {
     let is_grpc = grpc::is_grpc(req.headers());
-    let mut response = respond(req, &conn, is_grpc).await;
+    let mut response = respond(req, &conn, is_grpc, idle).await;
     if is_grpc && let Some(LegateError(message)) = response.extensions_mut().remove() {
         let code = grpc::code_for(response.status());
         grpc::trailers_only(&mut response, code, &message);
@@ -54,7 +59,12 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBo
     response
 }
 
-async fn respond(mut req: Request<Incoming>, conn: &Conn, is_grpc: bool) -> Response<ProxyBody> {
+async fn respond(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    is_grpc: bool,
+    idle: &StreamIdle,
+) -> Response<ProxyBody> {
     let began = Instant::now();
     let table = conn.tables.load();
     let Some(listener) = table.listener(&conn.listener) else {
@@ -88,17 +98,25 @@ async fn respond(mut req: Request<Incoming>, conn: &Conn, is_grpc: bool) -> Resp
         Some(d) => Some(route.max_grpc_timeout.map_or(d, |max| d.min(max))),
         None => route.timeout,
     };
-    let forwarded = forward(req, route, target, conn, client_upgrade, is_grpc);
+    let forwarded = forward(req, route, target, conn, client_upgrade, is_grpc, idle);
     let timed_out = || Answer {
         response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
         cluster: Some(target.cluster.name.clone()),
         endpoint: None,
     };
+    // The stream idle timeout bounds the wait too, where it is the shorter.
     let answer = match deadline {
-        Some(d) => tokio::time::timeout(d, forwarded)
+        Some(d) if d <= idle.limit() => tokio::time::timeout(d, forwarded)
             .await
             .unwrap_or_else(|_| timed_out()),
-        None => forwarded.await,
+        Some(d) => match tokio::time::timeout(d, idle.until_head(forwarded)).await {
+            Ok(Ok(answer)) => answer,
+            _ => timed_out(),
+        },
+        None => idle
+            .until_head(forwarded)
+            .await
+            .unwrap_or_else(|_| timed_out()),
     };
     let Answer {
         mut response,
@@ -131,6 +149,7 @@ async fn forward(
     conn: &Conn,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     is_grpc: bool,
+    idle: &StreamIdle,
 ) -> Answer {
     if is_grpc && !target.cluster.may_speak_http2() {
         let cluster = &target.cluster.name;
@@ -170,6 +189,7 @@ async fn forward(
 
     let replayable = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
+    let body = idle.request_body(body);
     let mut body = Some(mirror(route, conn, &parts, body));
     let mut retries_left = route.retries;
     // The request head is moved into the first attempt unless a later attempt
@@ -456,7 +476,7 @@ fn mirror(
     route: &HttpRoute,
     conn: &Conn,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: RequestBody<Incoming>,
 ) -> ProxyBody {
     let Some(mirror) = &route.mirror else {
         return body.map_err(Into::into).boxed_unsync();
@@ -508,7 +528,7 @@ fn mirror(
 
 /// A body that passes its data on and offers a copy of each chunk to `copy`.
 struct Tee {
-    inner: Incoming,
+    inner: RequestBody<Incoming>,
     copy: Option<http_body_util::channel::Sender<Bytes, crate::upstream::pool::BoxError>>,
 }
 

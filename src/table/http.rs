@@ -32,6 +32,8 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     /// Largest request head, bytes; past it 431.
     pub max_headers_size: usize,
+    /// A request moving no byte either way this long is ended.
+    pub stream_idle_timeout: Duration,
 }
 
 /// One route.
