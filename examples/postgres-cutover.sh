@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Example 2, database cut-over: two real PostgreSQL clusters, pgbench writing
-# through legate (a new connection per transaction, like an app's pool
-# recycling connections), and the ConfigMap flipped from the old cluster to the
-# new one mid-run, the way the kubelet updates a mounted ConfigMap. A
-# long-lived session left on the old cluster is closed after the
-# drain_on_change grace. pgbench finishes without errors, and the new cluster
-# received the writes made after the flip.
+# Example 2, database cut-over: two real PostgreSQL clusters behind a
+# `protocol: postgres` listener, pgbench writing through legate (a new
+# connection per transaction, like an app's pool recycling connections), and
+# the ConfigMap flipped from the old cluster to the new one mid-run, the way
+# the kubelet updates a mounted ConfigMap. The old cluster is fenced: new
+# sessions wait until the old ones are gone, so no write lands on the old
+# cluster after the first one on the new. An idle session left on the old
+# cluster is closed at once (between transactions); one stuck in a long query
+# is closed by the drain_on_change grace. pgbench finishes without errors.
 #   bash examples/postgres-cutover.sh        (as root: initdb runs as user postgres)
 source "$(dirname "$0")/lib/common.sh"
 PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
@@ -20,7 +22,7 @@ pg_start() { # name port
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/$1/data" -l "$WORK/$1/log" -w -t 30 start \
     -o "-c listen_addresses=127.0.0.1 -p $2 -k $WORK/$1 -c fsync=off -c max_connections=200" >/dev/null
   CLEANUP_EXTRA="${CLEANUP_EXTRA:-true}; runuser -u postgres -- $PGBIN/pg_ctl -D $WORK/$1/data -m immediate -w stop >/dev/null 2>&1"
-  psql -h 127.0.0.1 -p "$2" -U postgres -qc "create table orders (id serial primary key, at timestamptz default now(), note text)"
+  psql -h 127.0.0.1 -p "$2" -U postgres -qc "create table orders (id serial primary key, at timestamptz default clock_timestamp(), note text)"
 }
 say "two PostgreSQL clusters: old on :$OLD, new on :$NEW"
 pg_start old "$OLD"; pg_start new "$NEW"
@@ -28,10 +30,10 @@ pg_start old "$OLD"; pg_start new "$NEW"
 routes() { # cluster-the-listener-uses
   cat > "$WORK/routes.yaml" <<YAML
 listeners:
-  - { name: orders-db, listen: "127.0.0.1:$APP", cluster: $1 }
+  - { name: orders-db, listen: "127.0.0.1:$APP", protocol: postgres, cluster: $1 }
 clusters:
-  - { name: pg-old, endpoints: [ "127.0.0.1:$OLD" ], drain_on_change: 2s }
-  - { name: pg-new, endpoints: [ "127.0.0.1:$NEW" ], drain_on_change: 2s }
+  - { name: pg-old, endpoints: [ "127.0.0.1:$OLD" ], drain_on_change: 2s, cutover: fenced, health: { kind: postgres } }
+  - { name: pg-new, endpoints: [ "127.0.0.1:$NEW" ], drain_on_change: 2s, health: { kind: postgres } }
 YAML
 }
 routes pg-old
@@ -44,6 +46,10 @@ pgbench -h 127.0.0.1 -p "$APP" -U postgres -n -C -c 4 -T 8 -f "$WORK/tx.sql" pos
 BENCH=$!
 psql -h 127.0.0.1 -p "$APP" -U postgres -qAtc "select pg_sleep(30)" > "$WORK/session.log" 2>&1 &
 SESSION=$!
+mkfifo "$WORK/idle.fifo"
+psql -h 127.0.0.1 -p "$APP" -U postgres -qAt < "$WORK/idle.fifo" > "$WORK/idle.log" 2>&1 &
+IDLE=$!
+exec 7> "$WORK/idle.fifo"   # an idle session: psql waits for input that never comes
 sleep 3
 
 say "flip the ConfigMap: orders-db -> pg-new (kubelet-style ..data swap)"
@@ -52,7 +58,9 @@ FLIP=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select now()")
 configmap_swap "$WORK/cm" "$WORK/routes.yaml"
 wait_for "reload" bash -c "curl -fs http://127.0.0.1:$ADMIN/metrics | grep -q '^legate_config_generation 2'"
 
-say "the long-lived session on pg-old is closed after the 2 s grace"
+say "the idle session on pg-old is closed at once; the one in a long query after the 2 s grace"
+wait $IDLE || true
+echo "idle session closed: $(curl -fs http://127.0.0.1:$ADMIN/metrics | grep 'legate_postgres_sessions_closed_total.*idle')"
 started=$(date +%s)
 wait $SESSION && fail "the session on the old cluster was not closed" || true
 echo "session ended after $(( $(date +%s) - started )) s: $(tr '\n' ' ' < "$WORK/session.log" | cut -c1-100)"
@@ -65,8 +73,11 @@ grep -q "number of failed transactions: 0" "$WORK/pgbench.log" || grep -q "proce
 old_rows=$(psql -h 127.0.0.1 -p "$OLD" -U postgres -qAtc "select count(*) from orders")
 new_rows=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select count(*) from orders")
 new_after=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select count(*) from orders where at >= '$FLIP'")
-old_after=$(psql -h 127.0.0.1 -p "$OLD" -U postgres -qAtc "select count(*) from orders where at > '$FLIP'::timestamptz + interval '1 second'")
-echo "rows: old=$old_rows new=$new_rows (new since the flip: $new_after; old more than 1 s after it: $old_after)"
+last_old=$(psql -h 127.0.0.1 -p "$OLD" -U postgres -qAtc "select max(at) from orders")
+first_new=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select min(at) from orders")
+fenced=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select '$last_old'::timestamptz < '$first_new'::timestamptz")
+echo "rows: old=$old_rows new=$new_rows (new since the flip: $new_after); last write on old $last_old, first on new $first_new"
+curl -fs http://127.0.0.1:$ADMIN/metrics | grep -E '^legate_postgres_(sessions_closed_total|held_sessions_total|fence_wait_seconds_(sum|count))'
 [ "$new_after" -gt 0 ] || fail "the new cluster got no writes after the flip"
-[ "$old_after" = 0 ] || fail "the old cluster still got writes after the flip"
-say "PASS: cut over mid-run; pgbench finished; writes moved to the new cluster"
+[ "$fenced" = t ] || fail "a write landed on the old cluster after the first on the new (fence broken)"
+say "PASS: cut over mid-run; pgbench finished; no two writers; writes moved to the new cluster"

@@ -30,6 +30,7 @@ pub mod http;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod postgres;
 pub mod reload;
 pub mod shutdown;
 pub mod table;

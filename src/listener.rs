@@ -28,7 +28,7 @@ use crate::clock::now_ms;
 use crate::fds;
 use crate::metrics;
 use crate::shutdown::{Shutdown, Tasks};
-use crate::table::{ListenerKind, RoutingTable};
+use crate::table::{ListenerKind, RoutingTable, Wire};
 use crate::tcp;
 
 /// The address each listener actually bound (port 0 resolved), shown by `/config`.
@@ -391,6 +391,19 @@ async fn dispatch(
             let Some(upstream_fd) = upstream_fd.or_else(|| fds::reserve(1)) else {
                 return;
             };
+            if let Wire::Postgres(pg) = &tcp.wire {
+                let session = crate::postgres::Session {
+                    listener: name.clone(),
+                    client: peer,
+                    route: tcp.target.pick().clone(),
+                    metrics: m.clone(),
+                    pg: pg.clone(),
+                    stop: http.stop,
+                };
+                drop(table);
+                crate::postgres::serve(client, session, upstream_fd).await;
+                return;
+            }
             let session = tcp::Session {
                 upstream_fd,
                 listener: name.clone(),

@@ -30,7 +30,39 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
+    pub postgres_sessions_closed_total: IntCounterVec,
+    pub postgres_cancels_total: IntCounterVec,
+    pub postgres_held_sessions_total: IntCounterVec,
+    pub postgres_fence_wait_seconds: HistogramVec,
 }
+
+/// Handles for one Postgres listener.
+#[derive(Clone)]
+pub struct PostgresMetrics {
+    /// Sessions legate closed at an idle point because they had to move.
+    pub closed_idle: IntCounter,
+    /// Sessions closed by the drain grace before an idle point.
+    pub closed_forced: IntCounter,
+    cancels: [IntCounter; 3],
+    pub held_sessions: IntCounter,
+    pub fence_wait_seconds: Histogram,
+}
+
+impl PostgresMetrics {
+    pub fn cancels(&self, outcome: crate::postgres::cancel::Outcome) -> &IntCounter {
+        use crate::postgres::cancel::Outcome;
+        match outcome {
+            Outcome::Routed => &self.cancels[0],
+            Outcome::Unknown => &self.cancels[1],
+            Outcome::Failed => &self.cancels[2],
+        }
+    }
+}
+
+/// The `how` label values of `legate_postgres_sessions_closed_total`.
+const CLOSED_HOW: [&str; 2] = ["idle", "forced"];
+/// The `result` label values of `legate_postgres_cancels_total`.
+const CANCEL_RESULTS: [&str; 3] = ["routed", "unknown", "failed"];
 
 /// One labelled series (or group of series) that exists because of a config
 /// object. When a reload drops the object, its series are removed, so alerts
@@ -237,6 +269,39 @@ impl Metrics {
             "Unix time of the last configuration load that was applied.",
         )
         .expect("static metric definition");
+        let postgres_sessions_closed_total = IntCounterVec::new(
+            Opts::new(
+                "legate_postgres_sessions_closed_total",
+                "Postgres sessions legate closed because they had to leave their server, by how: idle (between transactions) or forced (the drain grace ran out first).",
+            ),
+            &["listener", "how"],
+        )
+        .expect("static metric definition");
+        let postgres_cancels_total = IntCounterVec::new(
+            Opts::new(
+                "legate_postgres_cancels_total",
+                "Postgres CancelRequests, by result: routed (to the session's server), unknown (no open session has the key), failed (its server was unreachable).",
+            ),
+            &["listener", "result"],
+        )
+        .expect("static metric definition");
+        let postgres_held_sessions_total = IntCounterVec::new(
+            Opts::new(
+                "legate_postgres_held_sessions_total",
+                "New Postgres sessions held by a cut-over fence until the old target's sessions closed.",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        let postgres_fence_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "legate_postgres_fence_wait_seconds",
+                "How long each held Postgres session waited at a cut-over fence.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
+            &["listener"],
+        )
+        .expect("static metric definition");
         // Both results exist from the start, so `increase()` sees the first error.
         for result in ["success", "error"] {
             config_reloads_total.with_label_values(&[result]);
@@ -258,6 +323,10 @@ impl Metrics {
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
             Box::new(config_last_reload_success.clone()),
+            Box::new(postgres_sessions_closed_total.clone()),
+            Box::new(postgres_cancels_total.clone()),
+            Box::new(postgres_held_sessions_total.clone()),
+            Box::new(postgres_fence_wait_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -285,6 +354,30 @@ impl Metrics {
             config_reloads_total,
             config_generation,
             config_last_reload_success,
+            postgres_sessions_closed_total,
+            postgres_cancels_total,
+            postgres_held_sessions_total,
+            postgres_fence_wait_seconds,
+        }
+    }
+
+    /// Handles for the Postgres listener named `name`.
+    pub fn postgres(&self, name: &str) -> PostgresMetrics {
+        let closed = |how: &str| {
+            self.postgres_sessions_closed_total
+                .with_label_values(&[name, how])
+        };
+        let cancels = |r: &str| self.postgres_cancels_total.with_label_values(&[name, r]);
+        PostgresMetrics {
+            closed_idle: closed(CLOSED_HOW[0]),
+            closed_forced: closed(CLOSED_HOW[1]),
+            cancels: [
+                cancels(CANCEL_RESULTS[0]),
+                cancels(CANCEL_RESULTS[1]),
+                cancels(CANCEL_RESULTS[2]),
+            ],
+            held_sessions: self.postgres_held_sessions_total.with_label_values(&[name]),
+            fence_wait_seconds: self.postgres_fence_wait_seconds.with_label_values(&[name]),
         }
     }
 
@@ -352,6 +445,18 @@ impl Metrics {
                         .http_requests_total
                         .remove_label_values(&[l, "none", "none", code]);
                 }
+                for how in CLOSED_HOW {
+                    let _ = self
+                        .postgres_sessions_closed_total
+                        .remove_label_values(&[l, how]);
+                }
+                for result in CANCEL_RESULTS {
+                    let _ = self
+                        .postgres_cancels_total
+                        .remove_label_values(&[l, result]);
+                }
+                let _ = self.postgres_held_sessions_total.remove_label_values(&[l]);
+                let _ = self.postgres_fence_wait_seconds.remove_label_values(&[l]);
             }
             Series::Route { listener, route } => {
                 for code in CODES {

@@ -250,6 +250,8 @@ impl Reloader {
             tracing::info!(listener = r.listener.as_deref().unwrap_or("-"), cluster = %r.cluster,
                 endpoint = r.endpoint.as_deref().unwrap_or("-"), grace = ?r.grace,
                 "target moved by reload: its connections close after the grace");
+            // Sessions that can tell a safe moment (Postgres) leave at once.
+            r.leaving.cancel();
             self.timers.spawn(async move {
                 tokio::time::sleep(r.grace).await;
                 r.token.cancel();

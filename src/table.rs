@@ -16,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 use serde_saphyr::Spanned;
 
 use crate::config::{
-    Config, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, LbPolicy, Protocol, RouteConfig,
-    SplitConfig,
+    Config, Cutover, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, LbPolicy, Protocol,
+    RouteConfig, SplitConfig,
 };
 use crate::metrics::{self, Series};
+use crate::postgres::fence;
 use crate::tls::TlsClient;
 use crate::upstream::{Cluster, ClusterSpec};
 
@@ -54,8 +55,18 @@ pub enum ListenerKind {
 /// A TCP listener: where its connections go, and how long one may sit idle.
 pub struct TcpListener {
     pub target: Target,
+    /// What legate understands of the bytes.
+    pub wire: Wire,
     /// Close a connection that moved no byte either way for this long; `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
+}
+
+/// How much of a TCP listener's protocol legate reads.
+pub enum Wire {
+    /// Opaque bytes (spliced).
+    Raw,
+    /// PostgreSQL: startup, cancel keys, transaction boundaries.
+    Postgres(metrics::PostgresMetrics),
 }
 
 /// Where a listener's new connections go.
@@ -85,6 +96,14 @@ pub struct Route {
     /// the cluster's `drain_on_change` grace, once a reload sends the traffic
     /// elsewhere; connections on the route then close so the app reconnects.
     pub retired: CancellationToken,
+    /// Cancelled at once by that reload: sessions that can tell (Postgres)
+    /// close at their next idle point, before the grace.
+    pub leaving: CancellationToken,
+    /// Postgres sessions open on this route (carried over with `retired`).
+    pub sessions: Arc<fence::Sessions>,
+    /// Postgres `cutover: fenced`: new sessions wait for the routes this one
+    /// replaced to empty.
+    pub fence: Option<Arc<fence::Fence>>,
 }
 
 /// A route or an endpoint the new table no longer has, whose connections
@@ -98,6 +117,8 @@ pub struct Retired {
     pub endpoint: Option<Arc<str>>,
     pub grace: std::time::Duration,
     pub token: CancellationToken,
+    /// Cancelled when the retirement is scheduled (see [`Route::leaving`]).
+    pub leaving: CancellationToken,
 }
 
 pub mod http;
@@ -122,6 +143,7 @@ pub fn compile(
     previous: Option<&RoutingTable>,
 ) -> Result<RoutingTable, CompileError> {
     let m = metrics::get();
+    let postgres_clusters = postgres_clusters(config);
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
@@ -136,6 +158,8 @@ pub fn compile(
                 http2: c.http2,
                 pool_idle_timeout: c.pool_idle_timeout.0,
                 tls: tls.get(&c.name.value).cloned(),
+                postgres: postgres_clusters.contains(c.name.value.as_str()),
+                cutover: c.cutover,
             };
             let same_name =
                 previous.and_then(|p| p.clusters.iter().find(|old| *old.name == *c.name.value));
@@ -170,6 +194,9 @@ pub fn compile(
             cluster: cluster(name)?,
             failover: failover_of.get(name).cloned().unwrap_or_default(),
             retired: CancellationToken::new(),
+            leaving: CancellationToken::new(),
+            sessions: Arc::default(),
+            fence: None,
         }))
     };
     let target = |cluster: &Option<Spanned<String>>,
@@ -198,8 +225,13 @@ pub fn compile(
     for l in &config.listeners {
         let name: Arc<str> = Arc::from(l.name.value.as_str());
         let kind = match (l.protocol, &l.routes) {
-            (Protocol::Tcp, _) => ListenerKind::Tcp(TcpListener {
+            (Protocol::Tcp | Protocol::Postgres, _) => ListenerKind::Tcp(TcpListener {
                 target: target(&l.cluster, &l.split)?,
+                wire: if l.protocol == Protocol::Postgres {
+                    Wire::Postgres(m.postgres(&name))
+                } else {
+                    Wire::Raw
+                },
                 idle_timeout: l.idle_timeout.map(|t| t.0),
             }),
             (Protocol::Http, routes) => {
@@ -618,6 +650,34 @@ fn header_ops(ops: &HeaderOpsConfig) -> http::HeaderOps {
     }
 }
 
+/// The clusters a `protocol: postgres` listener reaches (targets and their
+/// failover chains): their TLS starts with an SSLRequest.
+fn postgres_clusters(config: &Config) -> std::collections::HashSet<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Postgres)
+    {
+        names.extend(l.cluster.iter().map(|c| c.value.as_str()));
+        if let Some(split) = &l.split {
+            names.extend(split.value.iter().map(|s| s.cluster.value.as_str()));
+        }
+    }
+    let mut i = 0;
+    while i < names.len() {
+        if let Some(c) = config.clusters.iter().find(|c| c.name.value == names[i]) {
+            for f in &c.failover {
+                if !names.contains(&f.value.as_str()) {
+                    names.push(f.value.as_str());
+                }
+            }
+        }
+        i += 1;
+    }
+    names.into_iter().collect()
+}
+
 /// Carries the retire tokens of routes that survive from `old` into `new`, and
 /// returns what `new` no longer has whose cluster asks for `drain_on_change`:
 /// - a route, when its listener stays but no longer sends to that cluster
@@ -647,6 +707,7 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
             ListenerKind::Tcp(tcp) => tcp.target.routes_mut().collect(),
             ListenerKind::Http(_) => Vec::new(),
         };
+        let mut fenced = Vec::new();
         for old_route in old_tcp.target.routes() {
             match new_routes
                 .iter_mut()
@@ -657,6 +718,9 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
                         cluster: r.cluster.clone(),
                         failover: r.failover.clone(),
                         retired: old_route.retired.clone(),
+                        leaving: old_route.leaving.clone(),
+                        sessions: old_route.sessions.clone(),
+                        fence: old_route.fence.clone(),
                     })
                 }
                 None => {
@@ -667,8 +731,33 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
                             endpoint: None,
                             grace,
                             token: old_route.retired.clone(),
+                            leaving: old_route.leaving.clone(),
                         });
+                        if old_route.cluster.spec().cutover == Cutover::Fenced {
+                            fenced.push((old_route.sessions.clone(), grace));
+                        }
                     }
+                }
+            }
+        }
+        // The listener's new targets wait for the fenced old ones to empty.
+        if !fenced.is_empty() {
+            let grace = fenced.iter().map(|(_, g)| *g).max().unwrap_or_default();
+            let fence = Arc::new(fence::Fence::new(
+                fenced.into_iter().map(|(s, _)| s).collect(),
+                grace,
+            ));
+            let old_names: Vec<&str> = old_tcp.target.routes().map(|r| &*r.cluster.name).collect();
+            for r in new_routes.iter_mut() {
+                if !old_names.contains(&&*r.cluster.name) {
+                    **r = Arc::new(Route {
+                        cluster: r.cluster.clone(),
+                        failover: r.failover.clone(),
+                        retired: r.retired.clone(),
+                        leaving: r.leaving.clone(),
+                        sessions: r.sessions.clone(),
+                        fence: Some(fence.clone()),
+                    });
                 }
             }
         }
@@ -692,6 +781,7 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
                     endpoint: Some(endpoint.label.clone()),
                     grace,
                     token: endpoint.retired.clone(),
+                    leaving: endpoint.leaving.clone(),
                 });
             }
         }

@@ -35,6 +35,8 @@ pub struct TlsClient {
     connector: TlsConnector,
     sni: Option<ServerName<'static>>,
     pub verify: bool,
+    /// Postgres direct TLS: no SSLRequest first, ALPN `postgresql`.
+    pub direct: bool,
     /// Hash of the settings and of every file's content: equal fingerprints
     /// mean interchangeable clients (a reload keeps the cluster), a rotated
     /// file means a new one.
@@ -120,7 +122,12 @@ impl TlsClient {
             }
             _ => builder.with_no_client_auth(),
         };
-        client.alpn_protocols = config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        client.alpn_protocols = if config.direct {
+            // PostgreSQL 17 requires it on a direct TLS connection.
+            vec![b"postgresql".to_vec()]
+        } else {
+            config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+        };
 
         let sni = match &config.sni {
             Some(name) => Some(
@@ -135,6 +142,7 @@ impl TlsClient {
             fingerprint: fingerprint.finish(),
             cert_expiry,
             offers_h2: config.alpn.iter().any(|p| p == "h2"),
+            direct: config.direct,
         })
     }
 

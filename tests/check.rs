@@ -365,7 +365,7 @@ fn tls_errors_name_the_cluster_and_file() {
 
     let err = rejected(&[(
         "routes.yaml",
-        "clusters:\n  - name: db\n    endpoints: [ \"db.internal:5432\" ]\n    tls: { ca: /nonexistent/ca.pem }\nlisteners:\n  - { name: app, listen: 127.0.0.1:0, cluster: db }\n",
+        "clusters:\n  - name: db\n    endpoints: [ \"db.internal:443\" ]\n    tls: { ca: /nonexistent/ca.pem }\nlisteners:\n  - { name: app, listen: 127.0.0.1:0, cluster: db }\n",
     )]);
     assert!(
         err.contains(r#"routes.yaml:4:10: cluster "db": tls: /nonexistent/ca.pem: cannot read"#),
@@ -537,4 +537,52 @@ fn out_of_range_flags_are_refused() {
             "{flag} {value}: {stderr}"
         );
     }
+}
+
+/// The PostgreSQL rules: a Postgres listener's clusters agree on `tls:`; a
+/// `tls:` cluster is not shared with a TCP listener; `cutover: fenced` needs
+/// `drain_on_change`; a health probe is `postgres` or HTTP, not both. Each
+/// error names the file and line.
+#[test]
+fn postgres_rules_are_checked() {
+    let err = rejected(&[(
+        "pg.yaml",
+        "listeners:
+  - { name: db, listen: 127.0.0.1:0, protocol: postgres, cluster: a }
+  - { name: raw, listen: 127.0.0.1:0, cluster: b }
+clusters:
+  - { name: a, endpoints: [ \"127.0.0.1:5432\" ], failover: [ b ], cutover: fenced }
+  - { name: b, endpoints: [ \"127.0.0.1:5433\" ], tls: { verify: false } }
+  - { name: c, endpoints: [ \"127.0.0.1:5434\" ], health: { kind: postgres, http_path: /x } }
+",
+    )]);
+    assert!(
+        err.contains("pg.yaml:2:") && err.contains("its clusters must all have tls: or none"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pg.yaml:6:")
+            && err.contains("serves both a postgres listener and listener \"raw\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("pg.yaml:5:") && err.contains("cutover: fenced needs drain_on_change"),
+        "{err}"
+    );
+    assert!(
+        err.contains("kind postgres and http_path do not go together"),
+        "{err}"
+    );
+
+    let dir = config_dir(&[(
+        "pg.yaml",
+        "listeners:
+  - { name: db, listen: 127.0.0.1:0, protocol: postgres, cluster: a }
+clusters:
+  - { name: a, endpoints: [ \"127.0.0.1:5432\" ], drain_on_change: 5s, cutover: fenced, health: { kind: postgres } }
+  - { name: b, endpoints: [ \"127.0.0.1:5433\" ], drain_on_change: 5s, tls: { sni: db.internal, direct: true } }
+",
+    )]);
+    let (ok, _, stderr) = check(dir.path());
+    assert!(ok, "{stderr}");
 }

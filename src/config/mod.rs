@@ -233,6 +233,9 @@ pub struct ClusterConfig {
     pub pool_idle_timeout: HumanDuration,
     /// Originate TLS (or mTLS) to the endpoints.
     pub tls: Option<Spanned<TlsConfig>>,
+    /// Postgres listeners: `open` (default) or `fenced`.
+    #[serde(default)]
+    pub cutover: Cutover,
 }
 
 /// `tls:` of a cluster. Files are PEM; they are watched and reloaded like the config.
@@ -260,6 +263,10 @@ pub struct TlsConfig {
     /// out, turns it off (and is logged as a warning at every load).
     #[serde(default = "default_true")]
     pub verify: bool,
+    /// Postgres: TLS from the first byte (PostgreSQL 17 `sslnegotiation=direct`,
+    /// ALPN `postgresql`) instead of an SSLRequest first. Default false.
+    #[serde(default)]
+    pub direct: bool,
 }
 
 /// A TLS protocol version floor.
@@ -295,6 +302,9 @@ pub struct HealthConfig {
     pub healthy: u32,
     /// When set, the probe is `GET <http_path>` expecting a 2xx; otherwise a TCP connect.
     pub http_path: Option<String>,
+    /// `tcp` (default) or `postgres`.
+    #[serde(default)]
+    pub kind: HealthKind,
 }
 
 /// Listener protocols.
@@ -305,6 +315,34 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on the same port.
     Http,
+    /// TCP that understands PostgreSQL's startup (SSLRequest, so `tls:`
+    /// works), routes cancel requests to their session's server, and closes
+    /// sessions between transactions when they must move.
+    Postgres,
+}
+
+/// What happens to new sessions while old ones drain from a cluster a
+/// reload moved a Postgres listener away from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cutover {
+    /// New sessions go to the new target at once.
+    #[default]
+    Open,
+    /// New sessions wait until every old session closed at an idle point (or
+    /// the `drain_on_change` grace ran out): never two databases written at once.
+    Fenced,
+}
+
+/// What an active health probe checks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    /// A TCP connect (or `GET http_path` when that is set).
+    #[default]
+    Tcp,
+    /// An SSLRequest answered `S` or `N`: a live postmaster, no credentials.
+    Postgres,
 }
 
 /// Load-balancing policies.

@@ -121,6 +121,13 @@ pub(super) fn merge(
                     "field \"health\": timeout must not exceed interval".to_string(),
                 );
             }
+            if h.kind == HealthKind::Postgres && h.http_path.is_some() {
+                at(
+                    file,
+                    loc,
+                    "field \"health\": kind postgres and http_path do not go together".to_string(),
+                );
+            }
             if h.http_path
                 .as_ref()
                 .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
@@ -393,6 +400,14 @@ pub(super) fn merge(
         }
     }
 
+    check_postgres(
+        &listeners,
+        &listener_files,
+        &clusters,
+        &cluster_files,
+        &mut at,
+    );
+
     if listeners.is_empty() && diagnostics.is_empty() {
         // A table without listeners would close every port the app uses.
         diagnostics.push(Diagnostic::new(
@@ -408,6 +423,146 @@ pub(super) fn merge(
         listeners,
         clusters,
         cluster_files,
+    }
+}
+
+/// The PostgreSQL-specific rules. A cluster's TLS starts with an SSLRequest
+/// only behind a `protocol: postgres` listener, so:
+/// - a cluster with `tls:` behind a plain TCP listener on the Postgres port
+///   is refused (the server would answer a ClientHello with "invalid length
+///   of startup packet"), with the fix in the message;
+/// - every cluster a Postgres listener reaches (targets and failover) agrees
+///   on `tls:` (whether the app's SSLRequest is answered here or passed on),
+///   and a cluster with `tls:` is not shared with listeners of another kind;
+/// - `direct` TLS and `cutover: fenced` need a Postgres listener, and
+///   `fenced` needs `drain_on_change` (the fence's upper bound).
+fn check_postgres(
+    listeners: &[ListenerConfig],
+    listener_files: &[PathBuf],
+    clusters: &[ClusterConfig],
+    cluster_files: &[PathBuf],
+    at: &mut impl FnMut(&Path, &Location, String),
+) {
+    let by_name: HashMap<&str, &ClusterConfig> = clusters
+        .iter()
+        .map(|c| (c.name.value.as_str(), c))
+        .collect();
+    // Each listener's clusters, failover chains included.
+    fn reached<'a>(
+        l: &'a ListenerConfig,
+        by_name: &HashMap<&'a str, &'a ClusterConfig>,
+    ) -> Vec<&'a str> {
+        let mut names: Vec<&str> = l.cluster.iter().map(|c| c.value.as_str()).collect();
+        if let Some(split) = &l.split {
+            names.extend(split.value.iter().map(|s| s.cluster.value.as_str()));
+        }
+        let mut i = 0;
+        while i < names.len() {
+            if let Some(c) = by_name.get(names[i]) {
+                for f in &c.failover {
+                    if !names.contains(&f.value.as_str()) {
+                        names.push(f.value.as_str());
+                    }
+                }
+            }
+            i += 1;
+        }
+        names
+    }
+    let mut postgres_clusters: HashSet<&str> = HashSet::new();
+    let mut other_clusters: HashMap<&str, &str> = HashMap::new();
+    for (l, file) in listeners.iter().zip(listener_files) {
+        let names = reached(l, &by_name);
+        let name = &l.name.value;
+        if l.protocol == Protocol::Postgres {
+            let with_tls: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| by_name.get(n).is_some_and(|c| c.tls.is_some()))
+                .collect();
+            if !with_tls.is_empty() && with_tls.len() != names.len() {
+                at(
+                    file,
+                    &l.name.referenced,
+                    format!(
+                        "listener \"{name}\": its clusters must all have tls: or none ({} have it, the others do not)",
+                        with_tls.join(", ")
+                    ),
+                );
+            }
+            postgres_clusters.extend(names);
+            continue;
+        }
+        let port_5432 = l.listen.value.0.port() == 5432;
+        for n in names {
+            other_clusters.entry(n).or_insert(name);
+            let Some(c) = by_name.get(n) else { continue };
+            let endpoint_5432 = c.endpoints.value.iter().any(|e| match &e.value.target {
+                EndpointTarget::Addr(a) => a.port() == 5432,
+                EndpointTarget::Name { port, .. } => *port == 5432,
+            });
+            if l.protocol == Protocol::Tcp && c.tls.is_some() && (port_5432 || endpoint_5432) {
+                at(
+                    file,
+                    &l.name.referenced,
+                    format!(
+                        "listener \"{name}\": cluster \"{n}\" has tls: on the PostgreSQL port, which needs protocol: postgres (PostgreSQL starts TLS with an SSLRequest, not a ClientHello)"
+                    ),
+                );
+            }
+        }
+    }
+    for (c, file) in clusters.iter().zip(cluster_files) {
+        let n = c.name.value.as_str();
+        let postgres = postgres_clusters.contains(n);
+        if let Some(tls) = &c.tls {
+            if postgres && let Some(other) = other_clusters.get(n) {
+                at(
+                    file,
+                    &tls.referenced,
+                    format!(
+                        "cluster \"{n}\": has tls: and serves both a postgres listener and listener \"{other}\" (TLS starts differently for each): use two clusters"
+                    ),
+                );
+            }
+            if tls.value.direct && other_clusters.contains_key(n) {
+                at(
+                    file,
+                    &tls.referenced,
+                    format!(
+                        "field \"direct\": is for clusters behind protocol: postgres listeners, and listener \"{}\" is not one",
+                        other_clusters[n]
+                    ),
+                );
+            }
+            if tls.value.direct && !tls.value.alpn.is_empty() {
+                at(
+                    file,
+                    &tls.referenced,
+                    "field \"direct\": sets ALPN to postgresql itself; remove \"alpn\"".to_string(),
+                );
+            }
+        }
+        if c.cutover == Cutover::Fenced {
+            if let Some(other) = other_clusters.get(n) {
+                at(
+                    file,
+                    &c.name.referenced,
+                    format!(
+                        "cluster \"{n}\": cutover: fenced is for clusters behind protocol: postgres listeners, and listener \"{other}\" is not one"
+                    ),
+                );
+            }
+            if c.drain_on_change.is_none() {
+                at(
+                    file,
+                    &c.name.referenced,
+                    format!(
+                        "cluster \"{n}\": cutover: fenced needs drain_on_change (the longest the fence holds new sessions)"
+                    ),
+                );
+            }
+        }
     }
 }
 

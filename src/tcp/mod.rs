@@ -195,7 +195,7 @@ pub async fn serve(mut client: TcpStream, session: Session) {
 }
 
 /// Makes the coming close send RST instead of FIN.
-fn reset(socket: &TcpStream) {
+pub(crate) fn reset(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 

@@ -143,10 +143,20 @@ pub fn jittered(interval: Duration) -> Duration {
     Duration::try_from_secs_f64(interval.as_secs_f64() * jitter).unwrap_or(interval)
 }
 
-/// One probe: a TCP connect, or `GET http_path` expecting a 2xx, within the timeout.
+/// One probe within the timeout: a TCP connect; `GET http_path` expecting a
+/// 2xx; or (`kind: postgres`) an SSLRequest answered `S` or `N`, which only a
+/// live postmaster does, and needs no credentials.
 async fn probe(addr: SocketAddr, check: &HealthConfig) -> bool {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
+        if check.kind == crate::config::HealthKind::Postgres {
+            stream
+                .write_all(&crate::postgres::wire::SSL_REQUEST_PACKET)
+                .await
+                .ok()?;
+            let answer = stream.read_u8().await.ok()?;
+            return Some(answer == b'S' || answer == b'N');
+        }
         let Some(path) = &check.http_path else {
             return Some(true);
         };

@@ -77,6 +77,9 @@ pub struct ClusterSpec {
     pub pool_idle_timeout: Duration,
     /// Originate TLS; equal when settings and file contents are equal.
     pub tls: Option<Arc<TlsClient>>,
+    /// Behind a Postgres listener: TLS starts with an SSLRequest (unless `direct`).
+    pub postgres: bool,
+    pub cutover: crate::config::Cutover,
 }
 
 /// One backend address and its live state.
@@ -95,6 +98,9 @@ pub struct Endpoint {
     /// Cancelled (after the cluster's `drain_on_change` grace) when a reload
     /// removes this endpoint from its cluster's list: TCP sessions to it close.
     pub retired: CancellationToken,
+    /// Cancelled by that reload at once: Postgres sessions close at their
+    /// next idle point.
+    pub leaving: CancellationToken,
 }
 
 /// Decrements an endpoint's active count when the connection ends.
@@ -321,6 +327,14 @@ impl Cluster {
         })
     }
 
+    /// A connection to this very endpoint (a Postgres cancel must reach the
+    /// server that has the session); the caller holds the fd reservation.
+    pub(crate) async fn connect_to(&self, endpoint: &Arc<Endpoint>) -> io::Result<UpstreamStream> {
+        self.try_connect(endpoint).await.map_err(|f| match f {
+            Failure::Connect(e) | Failure::Tls(e) | Failure::Local(e) => e,
+        })
+    }
+
     /// One connect attempt to `endpoint` (TCP, then TLS when the cluster
     /// originates it), counted and fed to passive health. The caller holds
     /// the socket's fd reservation. When the kernel says this host is out of
@@ -336,11 +350,18 @@ impl Cluster {
             let _ = tcp.set_nodelay(true);
             match &self.spec.tls {
                 None => Ok(UpstreamStream::Plain(tcp)),
-                Some(tls) => tls
-                    .handshake(tcp, endpoint.host.as_deref(), endpoint.addr.ip())
-                    .await
-                    .map(|s| UpstreamStream::Tls(Box::new(s)))
-                    .map_err(Failure::Tls),
+                Some(tls) => {
+                    let mut tcp = tcp;
+                    if self.spec.postgres && !tls.direct {
+                        crate::postgres::start_tls(&mut tcp)
+                            .await
+                            .map_err(Failure::Tls)?;
+                    }
+                    tls.handshake(tcp, endpoint.host.as_deref(), endpoint.addr.ip())
+                        .await
+                        .map(|s| UpstreamStream::Tls(Box::new(s)))
+                        .map_err(Failure::Tls)
+                }
             }
         };
         let result = match tokio::time::timeout(self.spec.connect_timeout, attempt).await {
@@ -495,6 +516,7 @@ impl Endpoint {
             healthy_gauge,
             pool: pool::Pool::default(),
             retired: CancellationToken::new(),
+            leaving: CancellationToken::new(),
         }
     }
 

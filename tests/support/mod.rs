@@ -11,6 +11,7 @@ pub mod configmap;
 pub mod dns;
 pub mod http;
 pub mod nginx;
+pub mod pg;
 pub mod pki;
 pub mod tls_server;
 
