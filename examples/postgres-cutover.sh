@@ -59,8 +59,9 @@ configmap_swap "$WORK/cm" "$WORK/routes.yaml"
 wait_for "reload" bash -c "curl -fs http://127.0.0.1:$ADMIN/metrics | grep -q '^legate_config_generation 2'"
 
 say "the idle session on pg-old is closed at once; the one in a long query after the 2 s grace"
-wait $IDLE || true
-echo "idle session closed: $(curl -fs http://127.0.0.1:$ADMIN/metrics | grep 'legate_postgres_sessions_closed_total.*idle')"
+wait_for "the idle session closed between transactions" bash -c \
+  "curl -fs http://127.0.0.1:$ADMIN/metrics | grep -q 'legate_postgres_sessions_closed_total{how=\"idle\",listener=\"orders-db\"} 1'"
+exec 7>&-; wait $IDLE || true   # psql only notices when it reads its input again
 started=$(date +%s)
 wait $SESSION && fail "the session on the old cluster was not closed" || true
 echo "session ended after $(( $(date +%s) - started )) s: $(tr '\n' ' ' < "$WORK/session.log" | cut -c1-100)"

@@ -44,6 +44,9 @@ pub mod wire;
 
 /// The whole startup (SSL negotiation included) must arrive within this.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session that has not run a statement yet may take to send its
+/// first after it was told to leave (see [`Tracker::started`]).
+const FIRST_STATEMENT_GRACE: Duration = Duration::from_secs(1);
 /// After Terminate, how long the server may take to close its side.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Per-direction buffer.
@@ -300,6 +303,12 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
                     tracker.draining.store(true, Ordering::Release);
                     tracker.wake.notify_one();
                 },
+                // A session that never ran a statement had its chance.
+                _ = tokio::time::sleep(FIRST_STATEMENT_GRACE),
+                    if leaving && tracked && !tracker.fresh_expired.load(Ordering::Acquire) => {
+                    tracker.fresh_expired.store(true, Ordering::Release);
+                    tracker.wake.notify_one();
+                },
                 _ = &mut forced, if !closed_idle => break Ended::Forced,
                 _ = tokio::time::sleep(CLOSE_WAIT), if closed_idle => break Ended::ClosedIdle,
             }
@@ -336,6 +345,13 @@ struct Tracker {
     status: AtomicU8,
     /// The session must leave: close at the next idle point.
     draining: AtomicBool,
+    /// The app sent a statement since startup. A session that has not may be
+    /// about to send its first (a connection per transaction, as pgbench -C
+    /// does): it gets [`FIRST_STATEMENT_GRACE`] to do so before it counts as
+    /// idle, so its first statement is not refused.
+    started: AtomicBool,
+    /// That grace ran out.
+    fresh_expired: AtomicBool,
     /// Wakes the client direction to close at an idle point.
     wake: Notify,
 }
@@ -348,7 +364,9 @@ impl Tracker {
     }
 
     fn must_close(&self) -> bool {
-        self.draining.load(Ordering::Acquire) && self.idle()
+        self.draining.load(Ordering::Acquire)
+            && self.idle()
+            && (self.started.load(Ordering::Acquire) || self.fresh_expired.load(Ordering::Acquire))
     }
 
     /// A client message begins.
@@ -357,13 +375,17 @@ impl Tracker {
             // Simple query, Sync, FunctionCall: each is answered by one ReadyForQuery.
             b'Q' | b'F' => {
                 self.owed.fetch_add(1, Ordering::AcqRel);
+                self.started.store(true, Ordering::Release);
             }
             b'S' => {
                 self.owed.fetch_add(1, Ordering::AcqRel);
                 self.unsynced.store(false, Ordering::Release);
             }
             // Parse, Bind, Execute, Describe, Close, Flush: a Sync will follow.
-            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.unsynced.store(true, Ordering::Release),
+            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
+                self.unsynced.store(true, Ordering::Release);
+                self.started.store(true, Ordering::Release);
+            }
             _ => {}
         }
     }
