@@ -418,3 +418,50 @@ fn a_cutover_closes_sessions_between_transactions_and_fences_the_new_target() {
     );
     assert!(legate.metric(r#"legate_postgres_held_sessions_total{listener="db"}"#) >= 1.0);
 }
+
+/// 1. A session inside a transaction (BEGIN, an INSERT) and an idle one.
+/// 2. legate gets SIGTERM: the idle session is closed between transactions
+///    at once; the busy one is not cut: its COMMIT goes through and is
+///    answered, and only then is it closed.
+/// 3. legate exits once both are gone, well before its drain timeout, and
+///    the row is on the server.
+#[test]
+fn sigterm_closes_sessions_between_transactions() {
+    let pg = Postgres::start(Access::Plain);
+    pg.sql("create table t (x int)");
+    let mut legate = Legate::start_with(
+        &format!(
+            "listeners:\n  - {{ name: db, listen: \"127.0.0.1:0\", protocol: postgres, cluster: pg }}\nclusters:\n  - {{ name: pg, endpoints: [ \"{}\" ] }}\n",
+            pg.addr
+        ),
+        &["--drain-timeout", "20s"],
+    );
+    let addr = legate.addr("db");
+    let mut idle = PgConn::connect(addr).unwrap();
+    assert!(matches!(idle.query("select 1"), Ok(Reply::Rows(_))));
+    let mut busy = PgConn::connect(addr).unwrap();
+    assert!(matches!(busy.query("begin"), Ok(Reply::Rows(_))));
+    assert!(matches!(
+        busy.query("insert into t values (1)"),
+        Ok(Reply::Rows(_))
+    ));
+
+    let began = Instant::now();
+    legate.signal("TERM");
+    assert!(
+        idle.closed_within(Duration::from_secs(5)),
+        "the idle session was not closed"
+    );
+    legate.wait_log(|l| l.contains("session must leave its server"));
+    assert!(
+        matches!(busy.query("commit"), Ok(Reply::Rows(_))),
+        "the commit was cut"
+    );
+    assert!(
+        busy.closed_within(Duration::from_secs(5)),
+        "closed after the commit"
+    );
+    legate.wait_exit(Duration::from_secs(10));
+    assert!(began.elapsed() < Duration::from_secs(10));
+    assert_eq!(pg.sql("select count(*) from t"), "1");
+}
