@@ -27,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod fds;
 pub mod http;
+pub mod kafka;
 pub mod listener;
 pub mod memory;
 pub mod metrics;

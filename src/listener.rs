@@ -391,6 +391,20 @@ async fn dispatch(
             let Some(upstream_fd) = upstream_fd.or_else(|| fds::reserve(1)) else {
                 return;
             };
+            if let Wire::Kafka { metrics, ports } = &tcp.wire {
+                let ctx = crate::kafka::Context {
+                    listener: name.clone(),
+                    metrics: m.clone(),
+                    kafka: metrics.clone(),
+                    ports: ports.clone(),
+                    tasks: http.tasks.clone(),
+                    stop: http.stop.clone(),
+                };
+                let route = tcp.target.pick().clone();
+                drop(table);
+                crate::kafka::serve(client, peer, route, ctx, upstream_fd).await;
+                return;
+            }
             if let Wire::Postgres(pg) = &tcp.wire {
                 let session = crate::postgres::Session {
                     listener: name.clone(),

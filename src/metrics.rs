@@ -34,6 +34,43 @@ pub struct Metrics {
     pub postgres_cancels_total: IntCounterVec,
     pub postgres_held_sessions_total: IntCounterVec,
     pub postgres_fence_wait_seconds: HistogramVec,
+    pub kafka_requests_total: IntCounterVec,
+    pub kafka_request_seconds: HistogramVec,
+}
+
+/// Handles for one Kafka listener, resolved per API on first use (at most
+/// one series per API key the client uses, under 100).
+#[derive(Clone)]
+pub struct KafkaMetrics {
+    listener: Arc<str>,
+    apis: Arc<[std::sync::OnceLock<(IntCounter, Histogram)>]>,
+}
+
+impl KafkaMetrics {
+    fn api(&self, api: Option<kafka_protocol::messages::ApiKey>) -> &(IntCounter, Histogram) {
+        // The last slot is every key this build does not know.
+        let slot = api.map_or(self.apis.len() - 1, |a| {
+            (a as usize).min(self.apis.len() - 1)
+        });
+        self.apis[slot].get_or_init(|| {
+            let name = api.map_or_else(|| "unknown".to_string(), |a| format!("{a:?}"));
+            let m = get();
+            (
+                m.kafka_requests_total
+                    .with_label_values(&[&*self.listener, name.as_str()]),
+                m.kafka_request_seconds
+                    .with_label_values(&[&*self.listener, name.as_str()]),
+            )
+        })
+    }
+
+    pub fn requests(&self, api: Option<kafka_protocol::messages::ApiKey>) -> &IntCounter {
+        &self.api(api).0
+    }
+
+    pub fn seconds(&self, api: Option<kafka_protocol::messages::ApiKey>) -> &Histogram {
+        &self.api(api).1
+    }
 }
 
 /// Handles for one Postgres listener.
@@ -302,6 +339,23 @@ impl Metrics {
             &["listener"],
         )
         .expect("static metric definition");
+        let kafka_requests_total = IntCounterVec::new(
+            Opts::new(
+                "legate_kafka_requests_total",
+                "Kafka requests through a listener, by API (Produce, Fetch, Metadata, ...).",
+            ),
+            &["listener", "api"],
+        )
+        .expect("static metric definition");
+        let kafka_request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "legate_kafka_request_seconds",
+                "Time from a Kafka request to its response, by API.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+            &["listener", "api"],
+        )
+        .expect("static metric definition");
         // Both results exist from the start, so `increase()` sees the first error.
         for result in ["success", "error"] {
             config_reloads_total.with_label_values(&[result]);
@@ -327,6 +381,8 @@ impl Metrics {
             Box::new(postgres_cancels_total.clone()),
             Box::new(postgres_held_sessions_total.clone()),
             Box::new(postgres_fence_wait_seconds.clone()),
+            Box::new(kafka_requests_total.clone()),
+            Box::new(kafka_request_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -358,6 +414,16 @@ impl Metrics {
             postgres_cancels_total,
             postgres_held_sessions_total,
             postgres_fence_wait_seconds,
+            kafka_requests_total,
+            kafka_request_seconds,
+        }
+    }
+
+    /// Handles for the Kafka listener named `name`.
+    pub fn kafka(&self, name: &str) -> KafkaMetrics {
+        KafkaMetrics {
+            listener: Arc::from(name),
+            apis: (0..128).map(|_| std::sync::OnceLock::new()).collect(),
         }
     }
 
@@ -457,6 +523,17 @@ impl Metrics {
                 }
                 let _ = self.postgres_held_sessions_total.remove_label_values(&[l]);
                 let _ = self.postgres_fence_wait_seconds.remove_label_values(&[l]);
+                let apis = kafka_protocol::messages::ApiKey::iter()
+                    .map(|a| format!("{a:?}"))
+                    .chain(["unknown".to_string()]);
+                for api in apis {
+                    let _ = self
+                        .kafka_requests_total
+                        .remove_label_values(&[&**l, api.as_str()]);
+                    let _ = self
+                        .kafka_request_seconds
+                        .remove_label_values(&[&**l, api.as_str()]);
+                }
             }
             Series::Route { listener, route } => {
                 for code in CODES {

@@ -67,6 +67,11 @@ pub enum Wire {
     Raw,
     /// PostgreSQL: startup, cancel keys, transaction boundaries.
     Postgres(metrics::PostgresMetrics),
+    /// Kafka: broker addresses rewritten to local ports.
+    Kafka {
+        metrics: metrics::KafkaMetrics,
+        ports: Arc<crate::kafka::brokers::BrokerPorts>,
+    },
 }
 
 /// Where a listener's new connections go.
@@ -225,15 +230,29 @@ pub fn compile(
     for l in &config.listeners {
         let name: Arc<str> = Arc::from(l.name.value.as_str());
         let kind = match (l.protocol, &l.routes) {
-            (Protocol::Tcp | Protocol::Postgres, _) => ListenerKind::Tcp(TcpListener {
-                target: target(&l.cluster, &l.split)?,
-                wire: if l.protocol == Protocol::Postgres {
-                    Wire::Postgres(m.postgres(&name))
-                } else {
-                    Wire::Raw
-                },
-                idle_timeout: l.idle_timeout.map(|t| t.0),
-            }),
+            (Protocol::Tcp | Protocol::Postgres | Protocol::Kafka, _) => {
+                ListenerKind::Tcp(TcpListener {
+                    target: target(&l.cluster, &l.split)?,
+                    wire: match (l.protocol, &l.broker_ports) {
+                        (Protocol::Postgres, _) => Wire::Postgres(m.postgres(&name)),
+                        (Protocol::Kafka, Some(range)) => Wire::Kafka {
+                            metrics: m.kafka(&name),
+                            ports: crate::kafka::brokers::of(
+                                &name,
+                                l.listen.value.0.ip(),
+                                range.value,
+                            ),
+                        },
+                        (Protocol::Kafka, None) => {
+                            return Err(CompileError(
+                                "a kafka listener without broker_ports".to_string(),
+                            ));
+                        }
+                        _ => Wire::Raw,
+                    },
+                    idle_timeout: l.idle_timeout.map(|t| t.0),
+                })
+            }
             (Protocol::Http, routes) => {
                 let routes: Box<[http::HttpRoute]> = match routes {
                     Some(routes) => routes

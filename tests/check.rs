@@ -586,3 +586,42 @@ clusters:
     let (ok, _, stderr) = check(dir.path());
     assert!(ok, "{stderr}");
 }
+
+/// Kafka listeners need `broker_ports` (and only they take it), a range of at
+/// most 1024 ports clear of every other listener on the same IP.
+#[test]
+fn kafka_broker_ports_are_checked() {
+    let err = rejected(&[(
+        "k.yaml",
+        "listeners:
+  - { name: k1, listen: 127.0.0.1:9092, protocol: kafka, cluster: k }
+  - { name: k2, listen: 127.0.0.1:9093, protocol: kafka, broker_ports: \"9000-9100\", cluster: k }
+  - { name: k3, listen: 127.0.0.1:9094, protocol: kafka, broker_ports: \"20000-30000\", cluster: k }
+  - { name: raw, listen: 127.0.0.1:9095, broker_ports: 19000, cluster: k }
+clusters:
+  - { name: k, endpoints: [ \"127.0.0.1:19092\" ] }
+",
+    )]);
+    assert!(
+        err.contains("k.yaml:2:") && err.contains("protocol: kafka needs broker_ports"),
+        "{err}"
+    );
+    assert!(
+        err.contains("k.yaml:3:") && err.contains("overlaps listener \"k1\""),
+        "{err}"
+    );
+    assert!(err.contains("10001 ports is more than 1024"), "{err}");
+    assert!(err.contains("broker_ports is for protocol: kafka"), "{err}");
+    let err = rejected(&[(
+        "k.yaml",
+        "listeners:
+  - { name: k, listen: 127.0.0.1:9096, protocol: kafka, broker_ports: \"9-x\", cluster: k }
+clusters:
+  - { name: k, endpoints: [ \"127.0.0.1:19092\" ] }
+",
+    )]);
+    assert!(
+        err.contains("k.yaml:2:") && err.contains("invalid port range \"9-x\""),
+        "{err}"
+    );
+}

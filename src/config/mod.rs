@@ -85,6 +85,8 @@ pub struct ListenerConfig {
     /// HTTP: the largest request head in bytes; a bigger one gets 431. Default 65536.
     #[serde(default = "default_max_request_headers_size")]
     pub max_request_headers_size: u32,
+    /// Kafka: the local ports legate advertises for the cluster's brokers.
+    pub broker_ports: Option<Spanned<PortRange>>,
 }
 
 /// One HTTP route.
@@ -319,6 +321,16 @@ pub enum Protocol {
     /// works), routes cancel requests to their session's server, and closes
     /// sessions between transactions when they must move.
     Postgres,
+    /// Kafka: the listen address is the bootstrap server; broker addresses in
+    /// responses are rewritten to ports of `broker_ports` on the same IP.
+    Kafka,
+}
+
+/// `broker_ports` of a Kafka listener: `"19100-19163"` or a single port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
 }
 
 /// What happens to new sessions while old ones drain from a cluster a

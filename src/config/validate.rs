@@ -407,6 +407,7 @@ pub(super) fn merge(
         &cluster_files,
         &mut at,
     );
+    check_kafka(&listeners, &listener_files, &mut at);
 
     if listeners.is_empty() && diagnostics.is_empty() {
         // A table without listeners would close every port the app uses.
@@ -566,6 +567,68 @@ fn check_postgres(
     }
 }
 
+/// Kafka listeners have `broker_ports` (and only they do): at most
+/// [`MAX_BROKER_PORTS`] of them, clear of every other listener's port and
+/// range on the same IP.
+fn check_kafka(
+    listeners: &[ListenerConfig],
+    listener_files: &[PathBuf],
+    at: &mut impl FnMut(&Path, &Location, String),
+) {
+    let mut taken: Vec<(std::net::IpAddr, u16, u16, &str)> = listeners
+        .iter()
+        .map(|l| {
+            let a = l.listen.value.0;
+            (a.ip(), a.port(), a.port(), l.name.value.as_str())
+        })
+        .filter(|(_, port, _, _)| *port != 0)
+        .collect();
+    for (l, file) in listeners.iter().zip(listener_files) {
+        let name = &l.name.value;
+        match (&l.broker_ports, l.protocol == Protocol::Kafka) {
+            (None, true) => at(
+                file,
+                &l.name.referenced,
+                format!(
+                    "listener \"{name}\": protocol: kafka needs broker_ports (e.g. \"19100-19163\"), the ports legate advertises for the brokers"
+                ),
+            ),
+            (Some(r), false) => at(
+                file,
+                &r.referenced,
+                format!("listener \"{name}\": broker_ports is for protocol: kafka"),
+            ),
+            (Some(r), true) => {
+                let PortRange { first, last } = r.value;
+                let count = u32::from(last) - u32::from(first) + 1;
+                if count > MAX_BROKER_PORTS {
+                    at(
+                        file,
+                        &r.referenced,
+                        format!(
+                            "field \"broker_ports\": {count} ports is more than {MAX_BROKER_PORTS}"
+                        ),
+                    );
+                }
+                let ip = l.listen.value.0.ip();
+                for (other_ip, lo, hi, other) in &taken {
+                    if *other_ip == ip && *lo <= last && first <= *hi {
+                        at(
+                            file,
+                            &r.referenced,
+                            format!(
+                                "field \"broker_ports\": {first}-{last} overlaps listener \"{other}\" on {ip}"
+                            ),
+                        );
+                    }
+                }
+                taken.push((ip, first, last, name));
+            }
+            (None, false) => {}
+        }
+    }
+}
+
 /// The range a duration may take: outside it a value cannot be scheduled
 /// safely (an interval of 1ns spins a core, one of 2^64 s overflows the clock).
 pub(super) type DurationRange = (Duration, Duration);
@@ -594,6 +657,8 @@ pub(super) const MAX_WEIGHT: u32 = 1_000_000;
 pub(super) const MAX_THRESHOLD: u32 = 1000;
 pub(super) const MAX_RETRIES: u32 = 10;
 pub(super) const MAX_CONNECTIONS: u32 = 1_000_000;
+/// Brokers one Kafka listener can advertise (a port each).
+pub(super) const MAX_BROKER_PORTS: u32 = 1024;
 /// hyper cannot buffer less than 8 KiB for a head.
 pub(super) const HEADERS_SIZE: std::ops::RangeInclusive<u32> = 8192..=1024 * 1024;
 

