@@ -743,7 +743,15 @@ pub fn carry_over(old: &RoutingTable, new: &mut RoutingTable) -> Vec<Retired> {
                     })
                 }
                 None => {
-                    if let Some(grace) = old_route.cluster.spec().drain_on_change {
+                    // A Kafka client must not mix two clusters: its old
+                    // connections close at once unless a grace is set.
+                    let grace = match &old_tcp.wire {
+                        Wire::Kafka { .. } => {
+                            Some(old_route.cluster.spec().drain_on_change.unwrap_or_default())
+                        }
+                        _ => old_route.cluster.spec().drain_on_change,
+                    };
+                    if let Some(grace) = grace {
                         retired.push(Retired {
                             listener: Some(old_listener.name.clone()),
                             cluster: old_route.cluster.name.clone(),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rewrite::{Brokers, Local};
 use crate::config::PortRange;
+use crate::table::Route;
 
 /// A broker as its cluster advertises it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub struct Broker {
     pub port: u16,
     pub node_id: i32,
     pub target: ArcSwap<Advertised>,
+    /// The route whose response last named this broker: its cluster's
+    /// connect settings and TLS, and its retire signal (a cut-over).
+    pub route: ArcSwap<Route>,
     /// Stops its accept loop (the bootstrap listener stopped).
     pub stop: CancellationToken,
 }
@@ -79,12 +83,16 @@ impl BrokerPorts {
         &self,
         node_id: i32,
         advertised: Advertised,
+        route: &Arc<Route>,
         spawn: &Spawn,
     ) -> Result<u16, String> {
         let mut by_node = self.by_node.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = by_node.get(&node_id)
             && !b.stop.is_cancelled()
         {
+            if !Arc::ptr_eq(&b.route.load(), route) {
+                b.route.store(route.clone());
+            }
             if **b.target.load() != advertised {
                 tracing::info!(listener = %self.listener, node_id, port = b.port,
                     host = %advertised.host, to_port = advertised.port, "broker address changed");
@@ -110,6 +118,7 @@ impl BrokerPorts {
                 port,
                 node_id,
                 target: ArcSwap::from_pointee(advertised),
+                route: ArcSwap::new(route.clone()),
                 stop: CancellationToken::new(),
             });
             tracing::info!(listener = %self.listener, node_id, port,
@@ -129,6 +138,7 @@ impl BrokerPorts {
 /// Adapts [`BrokerPorts`] to the rewriter.
 pub struct Mapper<'a> {
     pub ports: &'a BrokerPorts,
+    pub route: &'a Arc<Route>,
     pub spawn: &'a Spawn,
 }
 
@@ -141,6 +151,7 @@ impl Brokers for Mapper<'_> {
                 host: host.to_string(),
                 port,
             },
+            self.route,
             self.spawn,
         )?;
         Ok(Local {

@@ -76,9 +76,10 @@ pub async fn serve(
             return;
         }
     };
-    let cluster = connected.cluster.clone();
+    let _fd = connected.fd;
+    let _active = connected.active;
     let ended = tokio::select! {
-        r = proxy(client, connected.stream, &ctx, &cluster) => r,
+        r = proxy(client, connected.stream, &ctx, &route) => r,
         _ = route.retired.cancelled() => {
             tracing::info!(listener = %ctx.listener, client = %peer,
                 "closing connection: a reload moved this route (drain_on_change)");
@@ -91,22 +92,17 @@ pub async fn serve(
 }
 
 /// How a broker port's connections are served.
-pub fn spawner(ctx: &Context, cluster: &Arc<Cluster>) -> Spawn {
+pub fn spawner(ctx: &Context) -> Spawn {
     let ctx = ctx.clone();
-    let cluster = cluster.clone();
     Arc::new(move |broker: Arc<Broker>, socket: std::net::TcpListener| {
-        let (ctx2, cluster) = (ctx.clone(), cluster.clone());
-        ctx.tasks
-            .spawn(accept_broker(broker, socket, ctx2, cluster));
+        ctx.tasks.spawn(accept_broker(broker, socket, ctx.clone()));
     })
 }
 
-async fn accept_broker(
-    broker: Arc<Broker>,
-    socket: std::net::TcpListener,
-    ctx: Context,
-    cluster: Arc<Cluster>,
-) {
+/// Serves a broker port until the listener stops, or a cut-over retires the
+/// cluster that last named the broker (no newer response re-targeted it):
+/// then the port is no longer advertised, and it closes.
+async fn accept_broker(broker: Arc<Broker>, socket: std::net::TcpListener, ctx: Context) {
     let listener = match socket
         .set_nonblocking(true)
         .and_then(|()| tokio::net::TcpListener::from_std(socket))
@@ -119,9 +115,18 @@ async fn accept_broker(
         }
     };
     loop {
+        let route = broker.route.load_full();
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = ctx.stop.cancelled() => break,
+            _ = route.retired.cancelled() => {
+                if Arc::ptr_eq(&broker.route.load(), &route) {
+                    tracing::info!(listener = %ctx.listener, node_id = broker.node_id, port = broker.port,
+                        cluster = %route.cluster.name, "broker port closed: its cluster was cut over");
+                    break;
+                }
+                continue;
+            }
         };
         let (client, peer) = match accepted {
             Ok(a) => a,
@@ -135,15 +140,24 @@ async fn accept_broker(
             tracing::warn!(listener = %ctx.listener, port = broker.port, "no fd for a broker connection: closing it");
             continue;
         };
-        let (broker, ctx, cluster) = (broker.clone(), ctx.clone(), cluster.clone());
+        let (broker, ctx) = (broker.clone(), ctx.clone());
         ctx.tasks.clone().spawn(async move {
             let _fd = fd;
             let _ = client.set_nodelay(true);
             ctx.metrics.connections_total.inc();
             ctx.metrics.connections_active.inc();
             let target = broker.target.load_full();
-            let result = match connect_broker(&target, &cluster).await {
-                Ok(upstream) => proxy(client, upstream, &ctx, &cluster).await,
+            let route = broker.route.load_full();
+            let result = match connect_broker(&target, &route.cluster).await {
+                // Closed with the bootstrap connections when the cluster is cut over.
+                Ok(upstream) => tokio::select! {
+                    r = proxy(client, upstream, &ctx, &route) => r,
+                    _ = route.retired.cancelled() => {
+                        tracing::info!(listener = %ctx.listener, client = %peer, node_id = broker.node_id,
+                            "closing broker connection: a reload moved the listener to another cluster");
+                        Ok(())
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(listener = %ctx.listener, node_id = broker.node_id,
                         broker = %format!("{}:{}", target.host, target.port), error = %e,
@@ -193,18 +207,18 @@ async fn proxy<U>(
     mut client: TcpStream,
     upstream: U,
     ctx: &Context,
-    cluster: &Arc<Cluster>,
+    route: &Arc<Route>,
 ) -> io::Result<()>
 where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let pending: Mutex<VecDeque<Pending>> = Mutex::default();
-    let spawn = spawner(ctx, cluster);
+    let spawn = spawner(ctx);
     let (client_r, client_w) = client.split();
     let (server_r, server_w) = tokio::io::split(upstream);
     tokio::try_join!(
         requests(client_r, server_w, &pending, ctx),
-        responses(server_r, client_w, &pending, ctx, &spawn),
+        responses(server_r, client_w, &pending, ctx, route, &spawn),
     )?;
     Ok(())
 }
@@ -287,6 +301,7 @@ async fn responses<R, W>(
     mut to: W,
     pending: &Mutex<VecDeque<Pending>>,
     ctx: &Context,
+    route: &Arc<Route>,
     spawn: &Spawn,
 ) -> io::Result<()>
 where
@@ -329,6 +344,7 @@ where
                 from.read_exact(&mut frame[4..]).await?;
                 let mut mapper = Mapper {
                     ports: &ctx.ports,
+                    route,
                     spawn,
                 };
                 match rewrite::rewrite(api, version, &frame, &mut mapper) {

@@ -6,7 +6,7 @@ legate. Prints one JSON line."""
 import json, os, subprocess, sys, time, uuid
 
 bootstrap = sys.argv[1]
-client = sys.argv[2]
+client = sys.argv[2]  # confluent | kafka-python | create TOPIC | count TOPIC | run TOPIC SECONDS
 
 
 def peer_ports():
@@ -76,5 +76,68 @@ def with_kafka_python():
     return len(got), ports
 
 
-got, ports = with_confluent() if client == "confluent" else with_kafka_python()
-print(json.dumps({"consumed": got, "peer_ports": sorted(ports)}), flush=True)
+def create(topic):
+    """Creates TOPIC on the broker at BOOTSTRAP (directly: test setup)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(15)
+
+
+def count(topic):
+    """How many messages TOPIC holds on the broker at BOOTSTRAP."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "count-" + uuid.uuid4().hex[:6],
+                  "enable.auto.commit": False})
+    low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=15)
+    c.close()
+    return high - low
+
+
+def run(topic, seconds):
+    """Produces one message every 10 ms for SECONDS and consumes in a group,
+    through BOOTSTRAP; says "ready" once the first message is delivered."""
+    from confluent_kafka import Consumer, Producer
+    delivered, failed, errors = [0], [0], []
+
+    def on_delivery(err, _msg):
+        if err is None:
+            delivered[0] += 1
+        else:
+            failed[0] += 1
+            errors.append(str(err))
+
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
+                  "message.timeout.ms": 10000})
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "g-" + topic,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+    c.subscribe([topic])
+    consumed, said, t0 = 0, False, time.time()
+    while time.time() - t0 < seconds:
+        p.produce(topic, value=b"x", on_delivery=on_delivery)
+        p.poll(0)
+        m = c.poll(0.01)
+        if m is not None and m.error() is None:
+            consumed += 1
+        if delivered[0] and not said:
+            print("ready", flush=True)
+            said = True
+    p.flush(15)
+    t1 = time.time()
+    while time.time() - t1 < 3:
+        m = c.poll(0.1)
+        if m is not None and m.error() is None:
+            consumed += 1
+    c.close()
+    return {"delivered": delivered[0], "failed": failed[0], "consumed": consumed,
+            "errors": sorted(set(errors))[:5]}
+
+
+if client == "create":
+    create(sys.argv[3])
+elif client == "count":
+    print(count(sys.argv[3]), flush=True)
+elif client == "run":
+    print(json.dumps(run(sys.argv[3], float(sys.argv[4]))), flush=True)
+else:
+    got, ports = with_confluent() if client == "confluent" else with_kafka_python()
+    print(json.dumps({"consumed": got, "peer_ports": sorted(ports)}), flush=True)
