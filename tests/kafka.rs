@@ -207,3 +207,180 @@ fn a_cutover_moves_the_client_to_the_other_cluster() {
     );
     legate.wait_log(|l| l.contains("a reload moved the listener to another cluster"));
 }
+
+/// Sends one request frame to `addr` and returns the response frame (without
+/// its size prefix).
+fn exchange(
+    addr: u16,
+    api: kafka_protocol::messages::ApiKey,
+    version: i16,
+    body: &impl kafka_protocol::protocol::Encodable,
+) -> Vec<u8> {
+    use kafka_protocol::messages::RequestHeader;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+    use std::io::{Read, Write};
+    let mut buf = bytes::BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(7)
+        .with_client_id(Some(StrBytes::from_static_str("legate-fixtures")))
+        .encode(&mut buf, api.request_header_version(version))
+        .unwrap();
+    body.encode(&mut buf, version).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", addr)).unwrap();
+    s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+    s.write_all(&(buf.len() as i32).to_be_bytes()).unwrap();
+    s.write_all(&buf).unwrap();
+    let mut size = [0u8; 4];
+    s.read_exact(&mut size).unwrap();
+    let mut frame = vec![0u8; i32::from_be_bytes(size) as usize];
+    s.read_exact(&mut frame).unwrap();
+    frame
+}
+
+/// Real responses from a real broker (Tansu) for every Metadata and
+/// FindCoordinator version it answers: each goes through legate's rewriter
+/// and decodes to the same message with only the broker addresses changed.
+/// With `LEGATE_CAPTURE_FIXTURES=1` they are written to tests/fixtures/kafka/
+/// (replayed without a broker by the rewriter's unit tests).
+#[test]
+fn real_broker_responses_rewrite_in_every_version() {
+    use kafka_protocol::messages::{
+        ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, MetadataRequest, MetadataResponse,
+        ResponseHeader,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    use legate::kafka::rewrite::{Brokers, Local, rewrite};
+
+    struct To19100;
+    impl Brokers for To19100 {
+        fn local(&mut self, node_id: i32, _: &str, _: i32) -> Result<Local, String> {
+            Ok(Local {
+                host: "127.0.0.9".into(),
+                port: 19100 + node_id % 100,
+            })
+        }
+    }
+    let tansu = Tansu::start();
+    let capture = std::env::var_os("LEGATE_CAPTURE_FIXTURES").is_some();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kafka");
+    let decode = |api: ApiKey, version: i16, frame: &[u8]| -> bytes::Bytes {
+        let mut b = bytes::Bytes::copy_from_slice(frame);
+        ResponseHeader::decode(&mut b, api.response_header_version(version)).unwrap();
+        b
+    };
+    let mut checked = 0;
+    for version in 1..=12i16 {
+        let frame = exchange(
+            tansu.port,
+            ApiKey::Metadata,
+            version,
+            &MetadataRequest::default().with_topics(None),
+        );
+        let out = rewrite(ApiKey::Metadata, version, &frame, &mut To19100)
+            .unwrap()
+            .unwrap();
+        let before =
+            MetadataResponse::decode(&mut decode(ApiKey::Metadata, version, &frame), version)
+                .unwrap();
+        let mut after =
+            MetadataResponse::decode(&mut decode(ApiKey::Metadata, version, &out), version)
+                .unwrap();
+        assert!(!after.brokers.is_empty(), "v{version}");
+        for (a, b) in after.brokers.iter_mut().zip(&before.brokers) {
+            assert_eq!(
+                (a.host.to_string(), a.port),
+                ("127.0.0.9".to_string(), 19100 + b.node_id.0 % 100)
+            );
+            a.host = b.host.clone();
+            a.port = b.port;
+        }
+        assert_eq!(
+            after, before,
+            "Metadata v{version}: only broker addresses may change"
+        );
+        if capture {
+            std::fs::write(format!("{dir}/metadata_v{version}.bin"), &frame).unwrap();
+        }
+        checked += 1;
+    }
+    for version in 0..=4i16 {
+        let mut request = FindCoordinatorRequest::default();
+        if version < 4 {
+            request = request.with_key(StrBytes::from_static_str("group"));
+        } else {
+            request = request.with_coordinator_keys(vec![StrBytes::from_static_str("group")]);
+        }
+        let frame = exchange(tansu.port, ApiKey::FindCoordinator, version, &request);
+        let out = rewrite(ApiKey::FindCoordinator, version, &frame, &mut To19100)
+            .unwrap()
+            .unwrap();
+        let after = FindCoordinatorResponse::decode(
+            &mut decode(ApiKey::FindCoordinator, version, &out),
+            version,
+        )
+        .unwrap();
+        let port = if version < 4 {
+            after.port
+        } else {
+            after.coordinators[0].port
+        };
+        assert!(
+            (19100..19200).contains(&port),
+            "FindCoordinator v{version}: {after:?}"
+        );
+        if capture {
+            std::fs::write(format!("{dir}/find_coordinator_v{version}.bin"), &frame).unwrap();
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 17);
+}
+
+/// Frames no client sends (a size of 2 GiB, a negative size, one too small
+/// for a request header) close that connection with a log line; legate
+/// keeps serving: a Metadata request right after is answered, rewritten.
+#[test]
+fn malformed_frames_close_the_connection_not_legate() {
+    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, ResponseHeader};
+    use kafka_protocol::protocol::Decodable;
+    use std::io::{Read, Write};
+    let tansu = Tansu::start();
+    let base = 30000 + (std::process::id() % 20000) as u16;
+    let legate = Legate::start(&format!(
+        "listeners:\n  - {{ name: kafka, listen: \"127.0.0.1:0\", protocol: kafka, broker_ports: \"{base}-{}\", cluster: kafka }}\nclusters:\n  - {{ name: kafka, endpoints: [ \"127.0.0.1:{}\" ] }}\n",
+        base + 3,
+        tansu.port
+    ));
+    let addr = legate.addr("kafka");
+    for garbage in [
+        [0x7f, 0xff, 0xff, 0xff],
+        [0xff, 0xff, 0xff, 0xfe],
+        [0, 0, 0, 3],
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+        s.write_all(&garbage).unwrap();
+        s.write_all(&[0u8; 16]).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{garbage:?} was answered: {rest:?}");
+    }
+    legate.wait_log(|l| l.contains("invalid Kafka frame size"));
+    let frame = exchange(
+        addr.port(),
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    let mut b = bytes::Bytes::from(frame);
+    ResponseHeader::decode(&mut b, ApiKey::Metadata.response_header_version(9)).unwrap();
+    let m = MetadataResponse::decode(&mut b, 9).unwrap();
+    assert!(
+        m.brokers
+            .iter()
+            .all(|b| (base..=base + 3).contains(&(b.port as u16))),
+        "{m:?}"
+    );
+}

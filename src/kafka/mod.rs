@@ -136,7 +136,8 @@ async fn accept_broker(broker: Arc<Broker>, socket: std::net::TcpListener, ctx: 
                 continue;
             }
         };
-        let Some(fd) = fds::reserve(1) else {
+        // Both sockets, as a TCP connection is admitted.
+        let Some(fd) = fds::reserve(2) else {
             tracing::warn!(listener = %ctx.listener, port = broker.port, "no fd for a broker connection: closing it");
             continue;
         };
