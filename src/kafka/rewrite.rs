@@ -390,6 +390,35 @@ mod tests {
     }
 
     #[test]
+    fn describe_cluster_brokers_are_rewritten_in_every_version() {
+        use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+        for version in DescribeClusterResponse::VERSIONS.min..=DescribeClusterResponse::VERSIONS.max
+        {
+            let m = DescribeClusterResponse::default()
+                .with_error_message(Some(StrBytes::from_static_str("none")))
+                .with_cluster_id(StrBytes::from_static_str("cluster-a"))
+                .with_brokers(
+                    (1..=3)
+                        .map(|id| {
+                            DescribeClusterBroker::default()
+                                .with_broker_id(BrokerId(id))
+                                .with_host(StrBytes::from_string(format!("b{id}.kafka")))
+                                .with_port(9092)
+                        })
+                        .collect(),
+                );
+            let bytes = frame(ApiKey::DescribeCluster, version, &m);
+            let out = rewrite(ApiKey::DescribeCluster, version, &bytes, &mut Ports)
+                .unwrap()
+                .unwrap();
+            let back: DescribeClusterResponse = decoded(ApiKey::DescribeCluster, version, &out);
+            let ports: Vec<i32> = back.brokers.iter().map(|b| b.port).collect();
+            assert_eq!(ports, vec![19101, 19102, 19103], "v{version}");
+            assert_eq!(back.cluster_id.as_str(), "cluster-a", "v{version}");
+        }
+    }
+
+    #[test]
     fn api_versions_are_capped_at_what_legate_decodes() {
         use kafka_protocol::messages::api_versions_response::ApiVersion;
         let m = ApiVersionsResponse::default().with_api_keys(vec![

@@ -55,6 +55,13 @@ const BUF_SIZE: usize = 32 * 1024;
 /// sends at most one of each).
 const MAX_NEGOTIATIONS: usize = 2;
 
+/// `f`, or a timeout error after [`STARTUP_TIMEOUT`].
+async fn within_startup<F: std::future::Future>(f: F) -> io::Result<F::Output> {
+    tokio::time::timeout(STARTUP_TIMEOUT, f)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no startup packet within 10s"))
+}
+
 /// Asks a server for TLS on a fresh connection: the SSLRequest, answered `S`
 /// (go ahead) or `N` (this server does not do TLS). `N` is an error, never a
 /// silent fall back to plaintext.
@@ -98,21 +105,16 @@ enum Opened {
 /// Serves one app connection.
 pub async fn serve(mut client: TcpStream, session: Session, upstream_fd: fds::Reserved) {
     let began = Instant::now();
-    let opened =
-        match tokio::time::timeout(STARTUP_TIMEOUT, open(&mut client, &session, upstream_fd)).await
-        {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => {
-                tracing::debug!(listener = %session.listener, client = %session.client, error = %e,
-                    "closing client: startup failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(listener = %session.listener, client = %session.client,
-                    "closing client: no startup within 10s");
-                return;
-            }
-        };
+    // Each read of the startup is bounded by STARTUP_TIMEOUT, the connect by
+    // the cluster's connect timeout, a fence by its grace.
+    let opened = match open(&mut client, &session, upstream_fd).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!(listener = %session.listener, client = %session.client, error = %e,
+                "closing client: startup failed");
+            return;
+        }
+    };
     let (connected, tracked) = match opened {
         Opened::Tracked(c) => (c, true),
         Opened::Opaque(c) => (c, false),
@@ -135,8 +137,8 @@ async fn open(client: &mut TcpStream, s: &Session, fd: fds::Reserved) -> io::Res
     let mut upstream: Option<Connected> = None;
     let mut fd = Some(fd);
     for _ in 0..=MAX_NEGOTIATIONS {
-        let packet = wire::read_startup(client)
-            .await
+        let packet = within_startup(wire::read_startup(client))
+            .await?
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         match packet {
             Startup::Cancel { packet, key } => {
@@ -157,7 +159,7 @@ async fn open(client: &mut TcpStream, s: &Session, fd: fds::Reserved) -> io::Res
                     _ => wire::GSSENC_REQUEST_PACKET,
                 };
                 up.stream.write_all(&bytes).await?;
-                let answer = up.stream.read_u8().await?;
+                let answer = within_startup(up.stream.read_u8()).await??;
                 client.write_all(&[answer]).await?;
                 if answer != b'N' {
                     let up = upstream
