@@ -399,6 +399,7 @@ async fn dispatch(
                     ports: ports.clone(),
                     tasks: http.tasks.clone(),
                     stop: http.stop.clone(),
+                    idle_timeout: tcp.idle_timeout,
                 };
                 let route = tcp.target.pick().clone();
                 drop(table);
@@ -413,6 +414,7 @@ async fn dispatch(
                     metrics: m.clone(),
                     pg: pg.clone(),
                     stop: http.stop,
+                    idle_timeout: tcp.idle_timeout,
                 };
                 drop(table);
                 crate::postgres::serve(client, session, upstream_fd).await;

@@ -574,19 +574,6 @@ clusters:
         "{err}"
     );
 
-    let err = rejected(&[(
-        "pg.yaml",
-        "listeners:
-  - { name: db, listen: 127.0.0.1:0, protocol: postgres, cluster: a, idle_timeout: 1h }
-clusters:
-  - { name: a, endpoints: [ \"127.0.0.1:5432\" ] }
-",
-    )]);
-    assert!(
-        err.contains("pg.yaml:2:") && err.contains("idle_timeout is for protocol: tcp and http"),
-        "{err}"
-    );
-
     let dir = config_dir(&[(
         "pg.yaml",
         "listeners:

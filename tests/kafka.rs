@@ -340,7 +340,8 @@ fn real_broker_responses_rewrite_in_every_version() {
 
 /// Frames no client sends (a size of 2 GiB, a negative size, one too small
 /// for a request header) close that connection with a log line; legate
-/// keeps serving: a Metadata request right after is answered, rewritten.
+/// keeps serving: a Metadata request right after is answered, rewritten. A
+/// connection quiet for the listener's `idle_timeout` (2 s) is closed.
 #[test]
 fn malformed_frames_close_the_connection_not_legate() {
     use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, ResponseHeader};
@@ -349,7 +350,7 @@ fn malformed_frames_close_the_connection_not_legate() {
     let tansu = Tansu::start();
     let base = 30000 + (std::process::id() % 20000) as u16;
     let legate = Legate::start(&format!(
-        "listeners:\n  - {{ name: kafka, listen: \"127.0.0.1:0\", protocol: kafka, broker_ports: \"{base}-{}\", cluster: kafka }}\nclusters:\n  - {{ name: kafka, endpoints: [ \"127.0.0.1:{}\" ] }}\n",
+        "listeners:\n  - {{ name: kafka, listen: \"127.0.0.1:0\", protocol: kafka, broker_ports: \"{base}-{}\", cluster: kafka, idle_timeout: 2s }}\nclusters:\n  - {{ name: kafka, endpoints: [ \"127.0.0.1:{}\" ] }}\n",
         base + 3,
         tansu.port
     ));
@@ -382,5 +383,17 @@ fn malformed_frames_close_the_connection_not_legate() {
             .iter()
             .all(|b| (base..=base + 3).contains(&(b.port as u16))),
         "{m:?}"
+    );
+
+    // idle_timeout: a connection that sends nothing is closed after it.
+    let mut quiet = std::net::TcpStream::connect(addr).unwrap();
+    quiet.set_read_timeout(Some(support::DEADLINE)).unwrap();
+    let began = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = quiet.read_to_end(&mut rest);
+    let took = began.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1900) && took < std::time::Duration::from_secs(5),
+        "closed after {took:?}"
     );
 }

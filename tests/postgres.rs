@@ -465,3 +465,31 @@ fn sigterm_closes_sessions_between_transactions() {
     assert!(began.elapsed() < Duration::from_secs(10));
     assert_eq!(pg.sql("select count(*) from t"), "1");
 }
+
+/// 1. A postgres listener with `idle_timeout: 500ms`.
+/// 2. A session that runs a query every 150 ms for 1.2 s stays open; one
+///    that sends nothing is closed after about 500 ms.
+#[test]
+fn idle_timeout_closes_quiet_sessions_only() {
+    let pg = Postgres::start(Access::Plain);
+    let legate = Legate::start(&format!(
+        "listeners:\n  - {{ name: db, listen: \"127.0.0.1:0\", protocol: postgres, cluster: pg, idle_timeout: 500ms }}\nclusters:\n  - {{ name: pg, endpoints: [ \"{}\" ] }}\n",
+        pg.addr
+    ));
+    let addr = legate.addr("db");
+    let mut busy = PgConn::connect(addr).unwrap();
+    let mut quiet = PgConn::connect(addr).unwrap();
+    let began = Instant::now();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            matches!(busy.query("select 1"), Ok(Reply::Rows(_))),
+            "a busy session was closed"
+        );
+    }
+    assert!(
+        quiet.closed_within(Duration::from_secs(3)),
+        "the quiet session stayed open"
+    );
+    assert!(began.elapsed() < Duration::from_secs(4));
+}

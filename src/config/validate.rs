@@ -352,17 +352,6 @@ pub(super) fn merge(
         }
         if let Some(t) = l.idle_timeout {
             in_range(&mut at, file, owner, "idle_timeout", t.0, IDLE_TIMEOUT);
-            if matches!(l.protocol, Protocol::Postgres | Protocol::Kafka) {
-                // Their sessions are not watched for idleness yet: say so
-                // rather than accept a limit that would not hold.
-                at(
-                    file,
-                    owner,
-                    format!(
-                        "listener \"{name}\": idle_timeout is for protocol: tcp and http (not yet for postgres and kafka)"
-                    ),
-                );
-            }
         }
         if is_http {
             if let Some(t) = l.header_timeout {

@@ -51,6 +51,8 @@ pub struct Context {
     pub tasks: Tasks,
     /// Stops broker ports with their bootstrap listener.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Close a connection that moved no byte either way this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A request awaiting its response.
@@ -217,11 +219,34 @@ where
     let spawn = spawner(ctx);
     let (client_r, client_w) = client.split();
     let (server_r, server_w) = tokio::io::split(upstream);
-    tokio::try_join!(
-        requests(client_r, server_w, &pending, ctx),
-        responses(server_r, client_w, &pending, ctx, route, &spawn),
-    )?;
-    Ok(())
+    let activity = ctx.idle_timeout.map(|_| crate::tcp::Activity::new());
+    let quiet = async {
+        match (&activity, ctx.idle_timeout) {
+            (Some(a), Some(t)) => a.idle_for(t).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let both = async {
+        tokio::try_join!(
+            requests(client_r, server_w, &pending, ctx, activity.as_ref()),
+            responses(
+                server_r,
+                client_w,
+                &pending,
+                ctx,
+                route,
+                &spawn,
+                activity.as_ref()
+            ),
+        )
+    };
+    tokio::select! {
+        r = both => r.map(|_| ()),
+        () = quiet => {
+            tracing::debug!(listener = %ctx.listener, "closing connection: idle_timeout");
+            Ok(())
+        }
+    }
 }
 
 fn invalid(what: String) -> io::Error {
@@ -261,6 +286,7 @@ async fn requests<R, W>(
     mut to: W,
     pending: &Mutex<VecDeque<Pending>>,
     ctx: &Context,
+    activity: Option<&crate::tcp::Activity>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -294,6 +320,9 @@ where
         to.write_all(&head).await?;
         copy_exact(&mut from, &mut to, (n - 8) as u64).await?;
         ctx.metrics.bytes_upstream.inc_by(n as u64 + 4);
+        if let Some(a) = activity {
+            a.touch();
+        }
     }
 }
 
@@ -304,6 +333,7 @@ async fn responses<R, W>(
     ctx: &Context,
     route: &Arc<Route>,
     spawn: &Spawn,
+    activity: Option<&crate::tcp::Activity>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -372,6 +402,9 @@ where
             }
         }
         ctx.metrics.bytes_downstream.inc_by(n as u64 + 4);
+        if let Some(a) = activity {
+            a.touch();
+        }
         if let Some(r) = request {
             ctx.kafka
                 .seconds(r.api)

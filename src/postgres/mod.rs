@@ -90,6 +90,8 @@ pub struct Session {
     /// Cancelled when the listener stops accepting (shutdown, or removed by
     /// a reload): sessions close at their next idle point.
     pub stop: CancellationToken,
+    /// Close a session that moved no byte either way this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How the startup went.
@@ -226,6 +228,8 @@ enum Ended {
     ClosedIdle,
     /// The drain grace ran out first.
     Forced,
+    /// No byte moved either way for the listener's `idle_timeout`.
+    Idle,
     Failed(io::Error),
 }
 
@@ -240,6 +244,13 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
         active: _active,
     } = up;
     let tracker = Tracker::default();
+    let activity = s.idle_timeout.map(|_| crate::tcp::Activity::new());
+    let quiet = async {
+        match (&activity, s.idle_timeout) {
+            (Some(a), Some(t)) => a.idle_for(t).await,
+            _ => std::future::pending().await,
+        }
+    };
     // The directions borrow the client socket; it is needed again after.
     let ended = {
         let (client_r, client_w) = client.split();
@@ -263,6 +274,7 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
             &tracker,
             tracked,
             &s.metrics.bytes_upstream,
+            activity.as_ref(),
         );
         let to_client = server_to_client(
             server_r,
@@ -270,10 +282,10 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
             &tracker,
             tracked,
             &s.metrics.bytes_downstream,
-            &cluster,
-            &endpoint,
+            (&cluster, &endpoint),
+            activity.as_ref(),
         );
-        tokio::pin!(leave, forced, to_server, to_client);
+        tokio::pin!(leave, forced, to_server, to_client, quiet);
         let (mut server_done, mut client_done, mut leaving) = (false, false, false);
         let mut closed_idle = false;
         loop {
@@ -312,6 +324,7 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
                     tracker.wake.notify_one();
                 },
                 _ = &mut forced, if !closed_idle => break Ended::Forced,
+                () = &mut quiet, if !closed_idle => break Ended::Idle,
                 _ = tokio::time::sleep(CLOSE_WAIT), if closed_idle => break Ended::ClosedIdle,
             }
             if server_done && client_done {
@@ -331,7 +344,7 @@ async fn run(mut client: TcpStream, up: Connected, tracked: bool, s: &Session) -
                 "session closed by the drain grace before an idle point (a transaction may be cut)");
         }
         Ended::Failed(_) => crate::tcp::reset(&client),
-        Ended::Done => {}
+        Ended::Done | Ended::Idle => {}
     }
     ended
 }
@@ -427,6 +440,7 @@ async fn client_to_server<R, W>(
     t: &Tracker,
     tracked: bool,
     counter: &IntCounter,
+    activity: Option<&crate::tcp::Activity>,
 ) -> io::Result<Pumped>
 where
     R: AsyncRead + Unpin,
@@ -466,6 +480,9 @@ where
         };
         to.write_all(&buf[..end]).await?;
         counter.inc_by(end as u64);
+        if let Some(a) = activity {
+            a.touch();
+        }
         if end < n {
             // The app's next message after an idle point: never forwarded.
             return close_at_idle(&mut to).await;
@@ -485,8 +502,8 @@ async fn server_to_client<R, W>(
     t: &Tracker,
     tracked: bool,
     counter: &IntCounter,
-    cluster: &Arc<upstream::Cluster>,
-    endpoint: &Arc<upstream::Endpoint>,
+    (cluster, endpoint): (&Arc<upstream::Cluster>, &Arc<upstream::Endpoint>),
+    activity: Option<&crate::tcp::Activity>,
 ) -> io::Result<Pumped>
 where
     R: AsyncRead + Unpin,
@@ -522,6 +539,9 @@ where
         }
         to.write_all(&buf[..n]).await?;
         counter.inc_by(n as u64);
+        if let Some(a) = activity {
+            a.touch();
+        }
         if tracked && t.must_close() {
             t.wake.notify_one();
         }

@@ -102,16 +102,16 @@ pub enum Ended {
 pub struct Activity(AtomicU64);
 
 impl Activity {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Activity(AtomicU64::new(now_ms()))
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.0.store(now_ms(), Ordering::Relaxed);
     }
 
     /// Returns once nothing moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
+    pub(crate) async fn idle_for(&self, idle: Duration) {
         let idle_ms = idle.as_millis() as u64;
         loop {
             let quiet = now_ms().saturating_sub(self.0.load(Ordering::Relaxed));
