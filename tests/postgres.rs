@@ -15,6 +15,14 @@ use support::pg::{Access, PgConn, Postgres, Reply, cancel};
 use support::pki::Pki;
 use support::{Legate, wait_until};
 
+/// A postgres listener `db` (with `extra` listener fields) to one server.
+fn one_server(pg: &Postgres, extra: &str) -> String {
+    format!(
+        "listeners:\n  - {{ name: db, listen: \"127.0.0.1:0\", protocol: postgres, cluster: pg{extra} }}\nclusters:\n  - {{ name: pg, endpoints: [ \"{}\" ] }}\n",
+        pg.addr
+    )
+}
+
 fn psql(addr: SocketAddr, sslmode: &str, sql: &str) -> (bool, String) {
     let out = Command::new("psql")
         .arg(format!(
@@ -429,13 +437,7 @@ fn a_cutover_closes_sessions_between_transactions_and_fences_the_new_target() {
 fn sigterm_closes_sessions_between_transactions() {
     let pg = Postgres::start(Access::Plain);
     pg.sql("create table t (x int)");
-    let mut legate = Legate::start_with(
-        &format!(
-            "listeners:\n  - {{ name: db, listen: \"127.0.0.1:0\", protocol: postgres, cluster: pg }}\nclusters:\n  - {{ name: pg, endpoints: [ \"{}\" ] }}\n",
-            pg.addr
-        ),
-        &["--drain-timeout", "20s"],
-    );
+    let mut legate = Legate::start_with(&one_server(&pg, ""), &["--drain-timeout", "20s"]);
     let addr = legate.addr("db");
     let mut idle = PgConn::connect(addr).unwrap();
     assert!(matches!(idle.query("select 1"), Ok(Reply::Rows(_))));
@@ -472,10 +474,7 @@ fn sigterm_closes_sessions_between_transactions() {
 #[test]
 fn idle_timeout_closes_quiet_sessions_only() {
     let pg = Postgres::start(Access::Plain);
-    let legate = Legate::start(&format!(
-        "listeners:\n  - {{ name: db, listen: \"127.0.0.1:0\", protocol: postgres, cluster: pg, idle_timeout: 500ms }}\nclusters:\n  - {{ name: pg, endpoints: [ \"{}\" ] }}\n",
-        pg.addr
-    ));
+    let legate = Legate::start(&one_server(&pg, ", idle_timeout: 500ms"));
     let addr = legate.addr("db");
     let mut busy = PgConn::connect(addr).unwrap();
     let mut quiet = PgConn::connect(addr).unwrap();
