@@ -69,7 +69,8 @@ pub async fn serve(socket: TcpListener, state: AdminState) {
             }
         };
         let state = state.clone();
-        tokio::spawn(async move {
+        // Owned like the admin server itself: ended after the drain.
+        state.shutdown.background_tasks().spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();

@@ -114,7 +114,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     if let Ok(addr) = admin_socket.local_addr() {
         tracing::info!(listener = "admin", address = %addr, "listening");
     }
-    tokio::spawn(admin::serve(
+    // Background tasks: they run through the drain (probes keep answering)
+    // and end with it (`Shutdown::run` stops and waits for them).
+    let background = shutdown.background_tasks();
+    background.spawn(admin::serve(
         admin_socket,
         admin::AdminState {
             tables: tables.clone(),
@@ -124,8 +127,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             reloads,
         },
     ));
-    tokio::spawn(shutdown::on_signals(shutdown.clone()));
-    tokio::spawn(memory::return_freed());
+    background.spawn(shutdown::on_signals(shutdown.clone()));
+    background.spawn(memory::return_freed());
 
     let mut listeners = Listeners::new(tables.clone(), bound, shutdown.clone());
     listeners.apply(&tables.load_full()).await;
@@ -137,7 +140,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         _ = shutdown.begun.cancelled() => {}
     }
     // From here on, each applied reload brings the listeners in step.
-    tokio::spawn(async move {
+    background.spawn(async move {
         while applied.changed().await.is_ok() {
             let table = applied.borrow_and_update().clone();
             listeners.apply(&table).await;
@@ -145,6 +148,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     });
 
     shutdown.run(opts.timing).await;
+    // The clusters' DNS, health and pool tasks are owned by their tokens.
+    for cluster in &tables.load().clusters {
+        cluster.retire();
+    }
     Ok(())
 }
 

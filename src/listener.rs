@@ -220,7 +220,8 @@ impl Limit {
             self.permits.add_permits(max - *current);
         } else if max < *current {
             let (permits, fewer) = (self.permits.clone(), (*current - max) as u32);
-            // Ends when the permits are had, or when the listener closes its semaphore.
+            // Owned by the semaphore: ends when the permits are had, or when
+            // the listener closes the semaphore (its accept loop ends).
             tokio::spawn(async move {
                 if let Ok(p) = permits.acquire_many_owned(fewer).await {
                     p.forget();

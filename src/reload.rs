@@ -146,7 +146,13 @@ pub fn spawn(
         timers: shutdown.background_tasks(),
     };
     let tls_files = tls::files(&initial.config);
-    tokio::spawn(reloader.run(settings, request_rx, tls_files, shutdown));
+    // Owned by the shutdown: a background task, ended after the drain.
+    shutdown.background_tasks().spawn(reloader.run(
+        settings,
+        request_rx,
+        tls_files,
+        shutdown.clone(),
+    ));
     (Handle { requests, status }, applied)
 }
 

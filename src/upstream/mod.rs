@@ -200,7 +200,9 @@ impl Cluster {
         self.spawn_owned(pool::expire(Arc::downgrade(self)));
     }
 
-    /// Runs `task` until it ends or the cluster is retired.
+    /// Runs `task` until it ends or the cluster is retired: owned by the
+    /// cluster's `stop` token, which `retire` cancels (a reload that drops
+    /// the cluster; the final table's clusters when the process exits).
     fn spawn_owned(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let stop = self.stop.clone();
         tokio::spawn(async move {
