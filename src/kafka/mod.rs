@@ -268,6 +268,12 @@ async fn frame_size<R: AsyncRead + Unpin>(from: &mut R, least: i32) -> io::Resul
     Ok(Some(n))
 }
 
+/// Writes one frame: its size, then `body`.
+async fn write_frame<W: AsyncWrite + Unpin>(to: &mut W, body: &[u8]) -> io::Result<()> {
+    to.write_all(&(body.len() as i32).to_be_bytes()).await?;
+    to.write_all(body).await
+}
+
 /// Copies exactly `n` bytes.
 async fn copy_exact<R, W>(from: &mut R, to: &mut W, n: u64) -> io::Result<()>
 where
@@ -373,20 +379,15 @@ where
                 let mut frame = vec![0u8; n as usize];
                 frame[..4].copy_from_slice(&correlation);
                 from.read_exact(&mut frame[4..]).await?;
+                let frame = bytes::Bytes::from(frame);
                 let mut mapper = Mapper {
                     ports: &ctx.ports,
                     route,
                     spawn,
                 };
-                match rewrite::rewrite(api, version, &frame, &mut mapper) {
-                    Ok(Some(out)) => {
-                        to.write_all(&(out.len() as i32).to_be_bytes()).await?;
-                        to.write_all(&out).await?;
-                    }
-                    Ok(None) => {
-                        to.write_all(&n.to_be_bytes()).await?;
-                        to.write_all(&frame).await?;
-                    }
+                match rewrite::rewrite(api, version, frame.clone(), &mut mapper) {
+                    Ok(Some(out)) => write_frame(&mut to, &out).await?,
+                    Ok(None) => write_frame(&mut to, &frame).await?,
                     Err(e) => {
                         // Never hand the client an address that bypasses legate.
                         tracing::warn!(listener = %ctx.listener, error = %e,

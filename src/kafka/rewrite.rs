@@ -73,11 +73,11 @@ fn highest(api_key: i16) -> Option<i16> {
 pub fn rewrite(
     api: ApiKey,
     version: i16,
-    frame: &[u8],
+    frame: Bytes,
     brokers: &mut impl Brokers,
 ) -> Result<Option<Bytes>, RewriteError> {
     let header_version = api.response_header_version(version);
-    let mut buf = Bytes::copy_from_slice(frame);
+    let mut buf = frame;
     let decode_error = |reason: String| RewriteError::Decode {
         api,
         version,
@@ -85,7 +85,7 @@ pub fn rewrite(
     };
     let header = ResponseHeader::decode(&mut buf, header_version)
         .map_err(|e| decode_error(e.to_string()))?;
-    let mut out = BytesMut::with_capacity(frame.len() + 64);
+    let mut out = BytesMut::with_capacity(buf.len() + 64);
     let encode_error = |reason: String| RewriteError::Encode {
         api,
         version,
@@ -107,9 +107,7 @@ pub fn rewrite(
             for _ in 0..count {
                 let mut b = MetadataResponseBroker::decode(&mut buf, version)
                     .map_err(|e| decode_error(e.to_string()))?;
-                let local = local(brokers, b.node_id.0, &b.host, b.port)?;
-                b.host = StrBytes::from_string(local.host);
-                b.port = local.port;
+                relocate(brokers, b.node_id.0, &mut b.host, &mut b.port)?;
                 b.encode(&mut out, version)
                     .map_err(|e| encode_error(e.to_string()))?;
             }
@@ -126,14 +124,10 @@ pub fn rewrite(
                 .map_err(|e| decode_error(e.to_string()))?;
             // v0-3 answer one key in the top-level fields; v4+ a list.
             if version < 4 && m.error_code == 0 {
-                let local = local(brokers, m.node_id.0, &m.host, m.port)?;
-                m.host = StrBytes::from_string(local.host);
-                m.port = local.port;
+                relocate(brokers, m.node_id.0, &mut m.host, &mut m.port)?;
             }
             for c in m.coordinators.iter_mut().filter(|c| c.error_code == 0) {
-                let local = local(brokers, c.node_id.0, &c.host, c.port)?;
-                c.host = StrBytes::from_string(local.host);
-                c.port = local.port;
+                relocate(brokers, c.node_id.0, &mut c.host, &mut c.port)?;
             }
             m.encode(&mut out, version)
                 .map_err(|e| encode_error(e.to_string()))?;
@@ -153,9 +147,7 @@ pub fn rewrite(
             let mut m = DescribeClusterResponse::decode(&mut buf, version)
                 .map_err(|e| decode_error(e.to_string()))?;
             for b in &mut m.brokers {
-                let local = local(brokers, b.broker_id.0, &b.host, b.port)?;
-                b.host = StrBytes::from_string(local.host);
-                b.port = local.port;
+                relocate(brokers, b.broker_id.0, &mut b.host, &mut b.port)?;
             }
             m.encode(&mut out, version)
                 .map_err(|e| encode_error(e.to_string()))?;
@@ -276,15 +268,19 @@ fn write_count(out: &mut BytesMut, n: u32, compact: bool) {
     }
 }
 
-fn local(
+/// Replaces one broker's advertised address with its local one.
+fn relocate(
     brokers: &mut impl Brokers,
     node_id: i32,
-    host: &str,
-    port: i32,
-) -> Result<Local, RewriteError> {
-    brokers
-        .local(node_id, host, port)
-        .map_err(|reason| RewriteError::NoPort { node_id, reason })
+    host: &mut StrBytes,
+    port: &mut i32,
+) -> Result<(), RewriteError> {
+    let local = brokers
+        .local(node_id, host, *port)
+        .map_err(|reason| RewriteError::NoPort { node_id, reason })?;
+    *host = StrBytes::from_string(local.host);
+    *port = local.port;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -336,9 +332,14 @@ mod tests {
                 broker(2, "b2.kafka", 9093),
             ]);
             let bytes = frame(ApiKey::Metadata, version, &m);
-            let out = rewrite(ApiKey::Metadata, version, &bytes, &mut Ports)
-                .unwrap()
-                .unwrap();
+            let out = rewrite(
+                ApiKey::Metadata,
+                version,
+                Bytes::from(bytes.clone()),
+                &mut Ports,
+            )
+            .unwrap()
+            .unwrap();
             let back: MetadataResponse = decoded(ApiKey::Metadata, version, &out);
             let addrs: Vec<(String, i32)> = back
                 .brokers
@@ -373,9 +374,14 @@ mod tests {
                 ]);
             }
             let bytes = frame(ApiKey::FindCoordinator, version, &m);
-            let out = rewrite(ApiKey::FindCoordinator, version, &bytes, &mut Ports)
-                .unwrap()
-                .unwrap();
+            let out = rewrite(
+                ApiKey::FindCoordinator,
+                version,
+                Bytes::from(bytes.clone()),
+                &mut Ports,
+            )
+            .unwrap()
+            .unwrap();
             let back: FindCoordinatorResponse = decoded(ApiKey::FindCoordinator, version, &out);
             let (host, port) = if version < 4 {
                 (back.host.to_string(), back.port)
@@ -408,9 +414,14 @@ mod tests {
                         .collect(),
                 );
             let bytes = frame(ApiKey::DescribeCluster, version, &m);
-            let out = rewrite(ApiKey::DescribeCluster, version, &bytes, &mut Ports)
-                .unwrap()
-                .unwrap();
+            let out = rewrite(
+                ApiKey::DescribeCluster,
+                version,
+                Bytes::from(bytes.clone()),
+                &mut Ports,
+            )
+            .unwrap()
+            .unwrap();
             let back: DescribeClusterResponse = decoded(ApiKey::DescribeCluster, version, &out);
             let ports: Vec<i32> = back.brokers.iter().map(|b| b.port).collect();
             assert_eq!(ports, vec![19101, 19102, 19103], "v{version}");
@@ -430,9 +441,14 @@ mod tests {
                 .with_max_version(99),
         ]);
         let bytes = frame(ApiKey::ApiVersions, 3, &m);
-        let out = rewrite(ApiKey::ApiVersions, 3, &bytes, &mut Ports)
-            .unwrap()
-            .unwrap();
+        let out = rewrite(
+            ApiKey::ApiVersions,
+            3,
+            Bytes::from(bytes.clone()),
+            &mut Ports,
+        )
+        .unwrap()
+        .unwrap();
         let back: ApiVersionsResponse = decoded(ApiKey::ApiVersions, 3, &out);
         assert_eq!(back.api_keys[0].max_version, MetadataResponse::VERSIONS.max);
         assert_eq!(back.api_keys[1].max_version, 99, "other APIs untouched");
@@ -455,9 +471,14 @@ mod tests {
             let frame = std::fs::read(&path).unwrap();
             match api {
                 "metadata" => {
-                    let out = rewrite(ApiKey::Metadata, version, &frame, &mut Ports)
-                        .unwrap()
-                        .unwrap();
+                    let out = rewrite(
+                        ApiKey::Metadata,
+                        version,
+                        Bytes::from(frame.clone()),
+                        &mut Ports,
+                    )
+                    .unwrap()
+                    .unwrap();
                     let m: MetadataResponse = decoded(ApiKey::Metadata, version, &out);
                     assert!(!m.brokers.is_empty(), "{name}");
                     for b in &m.brokers {
@@ -469,9 +490,14 @@ mod tests {
                     }
                 }
                 "find_coordinator" => {
-                    let out = rewrite(ApiKey::FindCoordinator, version, &frame, &mut Ports)
-                        .unwrap()
-                        .unwrap();
+                    let out = rewrite(
+                        ApiKey::FindCoordinator,
+                        version,
+                        Bytes::from(frame.clone()),
+                        &mut Ports,
+                    )
+                    .unwrap()
+                    .unwrap();
                     let m: FindCoordinatorResponse =
                         decoded(ApiKey::FindCoordinator, version, &out);
                     let (host, port, node) = if version < 4 {
@@ -495,7 +521,7 @@ mod tests {
         fn garbage_is_refused_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512),
                                           version in 0i16..16) {
             for api in [ApiKey::Metadata, ApiKey::FindCoordinator, ApiKey::DescribeCluster, ApiKey::ApiVersions] {
-                let _ = rewrite(api, version, &bytes, &mut Ports);
+                let _ = rewrite(api, version, Bytes::from(bytes.clone()), &mut Ports);
             }
         }
     }

@@ -371,6 +371,12 @@ pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The Python of the venv `.ci/run` makes (grpcio, the Kafka broker and
+/// clients); `LEGATE_GRPC_PYTHON` names another interpreter.
+pub fn python() -> String {
+    std::env::var("LEGATE_GRPC_PYTHON").unwrap_or_else(|_| "/tmp/legate-ci-venv/bin/python".into())
+}
+
 /// A loopback port that refuses connections (bound, then released).
 pub fn refused_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -4,7 +4,7 @@
 //! protocol directly (so a test sees exactly what arrives, and when).
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -36,14 +36,6 @@ fn bin() -> PathBuf {
     versions
         .pop()
         .expect("an initdb under /usr/lib/postgresql/*/bin")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn as_postgres(bin: &Path, tool: &str) -> Command {
@@ -109,7 +101,7 @@ impl Postgres {
             .unwrap();
             options += " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key -c ssl_ca_file=client-ca.crt";
         }
-        let port = free_port();
+        let port = super::refused_addr().port();
         options += &format!(" -p {port}");
         let out = as_postgres(&bin, "pg_ctl")
             .arg("-D")
