@@ -293,6 +293,12 @@ pub fn compile(
                         stream_idle_timeout: l
                             .stream_idle_timeout
                             .map_or(DEFAULT_STREAM_IDLE_TIMEOUT, |t| t.0),
+                        versions: l
+                            .http_versions
+                            .as_ref()
+                            .map_or(http::HttpVersions::Both, |v| {
+                                http::HttpVersions::from_config(&v.value)
+                            }),
                     },
                 })
             }
@@ -413,6 +419,7 @@ impl RoutingTable {
                         v["idle_timeout"] =
                             json!(humantime::format_duration(h.limits.idle_timeout).to_string());
                         v["max_request_headers_size"] = json!(h.limits.max_headers_size);
+                        v["http_versions"] = json!(h.limits.versions.describe());
                         v["routes"] = h.routes.iter().map(describe_route).collect();
                     }
                 }

@@ -449,6 +449,23 @@ fn values_that_could_abort_are_out_of_range() {
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
+    let err = rejected(&[(
+        "routes.yaml",
+        "listeners:\n  - { name: web, listen: 127.0.0.1:0, protocol: http, cluster: db, http_versions: [] }\n  - { name: raw, listen: 127.0.0.1:0, cluster: db, http_versions: [http1] }\n  - { name: bad, listen: 127.0.0.1:0, protocol: http, cluster: db, http_versions: [http3] }\nclusters:\n  - { name: db, endpoints: [ \"127.0.0.1:1\" ] }\n",
+    )]);
+    assert!(err.contains("unknown variant `http3`"), "{err}");
+    let err = rejected(&[(
+        "routes.yaml",
+        "listeners:\n  - { name: web, listen: 127.0.0.1:0, protocol: http, cluster: db, http_versions: [] }\n  - { name: raw, listen: 127.0.0.1:0, cluster: db, http_versions: [http1] }\nclusters:\n  - { name: db, endpoints: [ \"127.0.0.1:1\" ] }\n",
+    )]);
+    for want in [
+        "routes.yaml:2:",
+        "listener \"web\": field \"http_versions\": list at least one of http1, h2c",
+        "routes.yaml:3:",
+        "listener \"raw\": http_versions is for protocol: http",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
 }
 
 /// An empty read is never a config: a directory with no config file, an

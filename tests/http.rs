@@ -669,3 +669,53 @@ fn request_transfer_encoding_wins_over_content_length() {
     assert_eq!(seen["body"], "hello world", "{seen}");
     assert!(seen["headers"]["content-length"].is_null(), "{seen}");
 }
+
+/// `http_versions` makes a listener speak one version only: HTTP/1.1 only
+/// refuses HTTP/2 prior knowledge, h2c only refuses HTTP/1.1, and the default
+/// tells them apart even when the first bytes come one at a time (a lone "P"
+/// could begin the HTTP/2 preface or a POST).
+#[test]
+fn http_versions_restrict_what_a_listener_speaks() {
+    let a = HttpBackend::start("a");
+    let legate = Legate::start(&format!(
+        "listeners:\n  - {{ name: h1, listen: \"127.0.0.1:0\", protocol: http, cluster: a, http_versions: [http1] }}\n  - {{ name: h2, listen: \"127.0.0.1:0\", protocol: http, cluster: a, http_versions: [h2c] }}\n  - {{ name: both, listen: \"127.0.0.1:0\", protocol: http, cluster: a }}\nclusters:\n{}",
+        cluster("a", &[a.addr], "")
+    ));
+    let url = |l: &str| format!("http://{}/v", legate.addr(l));
+    let h2 = ["--http2-prior-knowledge"];
+
+    let (status, text) = curl(&[], &url("h1"));
+    assert_eq!(status, 200, "{text}");
+    let refused = |args: &[&str], url: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "10"])
+            .args(args)
+            .arg(url)
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        !text.contains(" 200")
+    };
+    assert!(refused(&h2, &url("h1")), "HTTP/2 on an http1-only listener");
+
+    let (status, text) = curl(&h2, &url("h2"));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    assert!(refused(&[], &url("h2")), "HTTP/1.1 on an h2c-only listener");
+
+    for args in [&[][..], &h2[..]] {
+        let (status, text) = curl(args, &url("both"));
+        assert_eq!(status, 200, "{args:?}: {text}");
+    }
+    let mut s = std::net::TcpStream::connect(legate.addr("both")).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b"OST /v HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(a.last()["method"], "POST");
+}

@@ -85,6 +85,9 @@ pub struct ListenerConfig {
     /// HTTP: the largest request head in bytes; a bigger one gets 431. Default 65536.
     #[serde(default = "default_max_request_headers_size")]
     pub max_request_headers_size: u32,
+    /// HTTP: what clients may speak, `[http1, h2c]` (default: both, told
+    /// apart by each connection's first bytes). One version alone skips that.
+    pub http_versions: Option<Spanned<Vec<HttpVersion>>>,
     /// Kafka: the local ports legate advertises for the cluster's brokers.
     pub broker_ports: Option<Spanned<PortRange>>,
 }
@@ -307,6 +310,16 @@ pub struct HealthConfig {
     /// `tcp` (default) or `postgres`.
     #[serde(default)]
     pub kind: HealthKind,
+}
+
+/// What an HTTP listener's clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpVersion {
+    /// HTTP/1.0 and HTTP/1.1.
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge (RFC 9113 §3.3).
+    H2c,
 }
 
 /// Listener protocols.

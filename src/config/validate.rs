@@ -391,6 +391,21 @@ pub(super) fn merge(
                 ),
             );
         }
+        match (&l.http_versions, is_http) {
+            (Some(v), true) if v.value.is_empty() => at(
+                file,
+                &v.referenced,
+                format!(
+                    "listener \"{name}\": field \"http_versions\": list at least one of http1, h2c"
+                ),
+            ),
+            (Some(v), false) => at(
+                file,
+                &v.referenced,
+                format!("listener \"{name}\": http_versions is for protocol: http"),
+            ),
+            _ => {}
+        }
         if l.access_log && !is_http {
             at(
                 file,

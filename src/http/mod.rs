@@ -18,6 +18,7 @@
 //! request. Each request's own bodies are watched by [`idle`].
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,11 +27,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::now_ms;
 use crate::shutdown::Tasks;
 use crate::table::RoutingTable;
-use crate::table::http::ConnLimits;
+use crate::table::http::{ConnLimits, HttpVersions};
 use crate::upstream::pool::ProxyBody;
 use idle::{ResponseIdle, StreamIdle};
 
@@ -69,17 +71,35 @@ pub struct Conn {
 /// passes, or `stop` is cancelled (then it closes gracefully).
 pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: CancellationToken) {
     let activity = Arc::new(Activity::new());
-    let mut builder = auto::Builder::new(conn.tasks.clone());
-    // hyper answers a head past this with 431 (it cannot go below 8 KiB).
-    builder
-        .http1()
-        .max_buf_size(limits.max_headers_size.max(8192));
-    builder
-        .http2()
-        .max_header_list_size(u32::try_from(limits.max_headers_size).unwrap_or(u32::MAX));
+    let mut io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+        rejected: conn.rejected.clone(),
+        rewrite: None,
+        first: None,
+    };
+    let http2 = match limits.versions {
+        HttpVersions::Http1 => false,
+        HttpVersions::H2c => {
+            activity.protocol(true);
+            true
+        }
+        HttpVersions::Both => tokio::select! {
+            sniffed = io.sniff() => match sniffed {
+                Ok(Some(http2)) => http2,
+                // Closed before a byte, or broken: nothing to answer.
+                _ => return,
+            },
+            expired = activity.expired(limits) => {
+                tracing::debug!(?expired, "closing connection before its first request");
+                return;
+            }
+            _ = stop.cancelled() => return,
+        },
+    };
     let tunnels = conn.tunnels.clone();
+    let tasks = conn.tasks.clone();
     let conn = Arc::new(conn);
-    let rejected = conn.rejected.clone();
     let requests = activity.clone();
     let stream_idle = limits.stream_idle_timeout;
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -95,40 +115,59 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
             }))
         }
     });
-    let io = Watched {
-        inner: stream,
-        activity: activity.clone(),
-        rejected,
-        rewrite: None,
+    let io = TokioIo::new(io);
+    let done = if http2 {
+        let mut builder = http2::Builder::new(tasks);
+        builder.max_header_list_size(u32::try_from(limits.max_headers_size).unwrap_or(u32::MAX));
+        let served = builder.serve_connection(io, service);
+        watch(served, |c| c.graceful_shutdown(), &activity, limits, stop).await
+    } else {
+        let mut builder = http1::Builder::new();
+        // hyper answers a head past this with 431 (it cannot go below 8 KiB).
+        builder.max_buf_size(limits.max_headers_size.max(8192));
+        let served = builder.serve_connection(io, service).with_upgrades();
+        watch(served, |c| c.graceful_shutdown(), &activity, limits, stop).await
     };
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if done {
+        // Done, or upgraded: then a tunnel owns the socket, and the
+        // connection lasts as long as it does (the drain still ends it).
+        tunnels.close();
+        tunnels.wait().await;
+    }
+}
+
+/// Drives hyper's connection future until it is done (`true`), a deadline
+/// of the watchdog passes, or `stop` is cancelled; then closes it gracefully
+/// (in-flight requests finish within the idle timeout) or at once.
+async fn watch<C: Future>(
+    served: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    activity: &Activity,
+    limits: ConnLimits,
+    stop: CancellationToken,
+) -> bool {
     tokio::pin!(served);
     tokio::select! {
-        _ = served.as_mut() => {
-            // Done, or upgraded: then a tunnel owns the socket, and the
-            // connection lasts as long as it does (the drain still ends it).
-            tunnels.close();
-            tunnels.wait().await;
-            return;
-        }
+        _ = served.as_mut() => return true,
         expired = activity.expired(limits) => match expired {
             // A head that never completes: nothing to be graceful about.
             Expired::Head => {
                 tracing::debug!("closing connection: request head not received within header_timeout");
-                return;
+                return false;
             }
             // A client that stopped reading: graceful would wait forever.
             Expired::Stalled => {
                 tracing::debug!("closing connection: the client took no response bytes for stream_idle_timeout");
-                return;
+                return false;
             }
             Expired::Idle => tracing::debug!("closing connection: idle_timeout"),
         },
         _ = stop.cancelled() => {}
     }
-    served.as_mut().graceful_shutdown();
+    graceful_shutdown(served.as_mut());
     // Idle or closing: what is in flight finishes, within the idle timeout.
     let _ = tokio::time::timeout(limits.idle_timeout, served).await;
+    false
 }
 
 /// What one connection's watchdog reads.
@@ -144,10 +183,8 @@ struct Activity {
     /// [`now_ms`] since when the client has not taken what legate writes; 0:
     /// writes go through.
     write_blocked_since: AtomicU64,
-    /// Set from the first bytes: HTTP/2 prior knowledge starts with "PRI".
+    /// The connection speaks HTTP/2 (set once its protocol is known).
     http2: std::sync::atomic::AtomicBool,
-    /// Whether the first bytes were seen.
-    sniffed: std::sync::atomic::AtomicBool,
 }
 
 /// Which deadline passed.
@@ -166,17 +203,20 @@ impl Activity {
             head_since: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(0),
             http2: false.into(),
-            sniffed: false.into(),
+        }
+    }
+
+    /// The connection's protocol is known: HTTP/2 has no heads to time
+    /// between requests.
+    fn protocol(&self, http2: bool) {
+        self.http2.store(http2, Ordering::Relaxed);
+        if http2 {
+            self.head_since.store(0, Ordering::Relaxed);
         }
     }
 
     /// Bytes arrived: when no request is in flight they begin the next head.
-    fn read(&self, bytes: &[u8]) {
-        if !self.sniffed.load(Ordering::Relaxed) {
-            self.sniffed.store(true, Ordering::Relaxed);
-            self.http2
-                .store(bytes.starts_with(b"PRI"), Ordering::Relaxed);
-        }
+    fn read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
             && !self.http2.load(Ordering::Relaxed)
@@ -314,7 +354,15 @@ struct Watched {
     rejected: prometheus::IntCounter,
     /// hyper's error answer with our header added, and how much of it went.
     rewrite: Option<Rewrite>,
+    /// The bytes read to tell the protocol, handed to hyper before the socket's.
+    first: Option<Bytes>,
 }
+
+/// What an HTTP/2 connection with prior knowledge starts with (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// hyper's own first read is this large too.
+const FIRST_READ: usize = 8192;
 
 struct Rewrite {
     bytes: Vec<u8>,
@@ -324,6 +372,33 @@ struct Rewrite {
 }
 
 impl Watched {
+    /// Reads the first bytes and tells HTTP/2 prior knowledge from HTTP/1.x:
+    /// `Some(true)` for HTTP/2, `None` if the client closed first. The bytes
+    /// are kept for hyper, so telling costs no read of its own (one read
+    /// syscall carries a whole first request, as without sniffing).
+    async fn sniff(&mut self) -> std::io::Result<Option<bool>> {
+        let mut first = bytes::BytesMut::with_capacity(FIRST_READ);
+        loop {
+            // Through poll_read: a short read clears the socket's readiness,
+            // so hyper's next read waits for epoll instead of a wasted recv.
+            let n = self.inner.read_buf(&mut first).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            // A head has begun (if this turns out HTTP/2, it is forgotten).
+            self.activity.read();
+            let seen = &first[..];
+            // Still a strict prefix of the preface: not decided yet.
+            if seen.len() < PREFACE.len() && PREFACE.starts_with(seen) {
+                continue;
+            }
+            let http2 = seen.starts_with(PREFACE);
+            self.activity.protocol(http2);
+            self.first = Some(first.freeze());
+            return Ok(Some(http2));
+        }
+    }
+
     /// Whether `buf` is hyper answering a head it could not parse: an error
     /// status while a head was being read and no request is in flight (our
     /// own answers always belong to a request).
@@ -378,12 +453,20 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(first) = &mut self.first {
+            let n = first.len().min(buf.remaining());
+            buf.put_slice(&first.split_to(n));
+            if first.is_empty() {
+                self.first = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled
             && buf.filled().len() > before
         {
-            self.activity.read(&buf.filled()[before..]);
+            self.activity.read();
         }
         polled
     }
@@ -446,13 +529,14 @@ mod tests {
             idle_timeout: Duration::from_millis(200),
             max_headers_size: 65536,
             stream_idle_timeout: Duration::from_millis(300),
+            versions: HttpVersions::Both,
         }
     }
 
     #[tokio::test]
     async fn an_incomplete_head_expires_before_the_idle_timeout() {
         let a = Activity::new();
-        a.read(b"GET / HT");
+        a.read();
         assert_eq!(a.expired(limits()).await, Expired::Head);
     }
 
@@ -467,9 +551,9 @@ mod tests {
     #[tokio::test]
     async fn http2_frames_between_requests_are_not_a_head() {
         let a = Arc::new(Activity::new());
-        a.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        a.protocol(true);
         drop(InFlight::start(a.clone()));
-        a.read(b"\x00\x00\x08\x06"); // a PING frame
+        a.read(); // say, a PING frame
         assert_eq!(a.expired(limits()).await, Expired::Idle);
     }
 

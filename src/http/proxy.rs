@@ -650,37 +650,98 @@ fn clean_response_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, false);
 }
 
+/// The hop-by-hop fields (RFC 9110 §7.6.1; `keep-alive` and
+/// `proxy-connection` by common use), in the order of [`Present`]'s bits.
+fn hop_by_hop(name: &HeaderName) -> Option<u8> {
+    // Standard names compare as an enum tag, so a typical head of a few
+    // fields costs a few integer compares here.
+    if name == header::CONNECTION {
+        Some(0)
+    } else if name == header::TRANSFER_ENCODING {
+        Some(1)
+    } else if name == header::TRAILER {
+        Some(2)
+    } else if name == header::UPGRADE {
+        Some(3)
+    } else if name.as_str() == "keep-alive" {
+        Some(4)
+    } else if name.as_str() == "proxy-connection" {
+        Some(5)
+    } else {
+        None
+    }
+}
+
+/// Removes the hop-by-hop fields. Runs on every request and response, so
+/// the usual case (none, or `Connection: keep-alive|close`) is one pass over
+/// the field names and no allocation.
 fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(bit) = hop_by_hop(name) {
+            present |= 1 << bit;
+        }
+    }
+    if present == 0 && !upgrade {
+        return;
+    }
     // RFC 9112 §6.3: with both, Transfer-Encoding framed the message and
     // Content-Length is wrong; passed on, it would truncate the body.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if present & (1 << 1) != 0 {
         headers.remove(header::CONTENT_LENGTH);
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 && names_other_fields(headers) {
+        // Rare: the Connection header names fields of its own.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in [
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::TRAILER,
+    for (bit, name) in [
+        (1, header::TRANSFER_ENCODING),
+        (2, header::TRAILER),
+        (4, HeaderName::from_static("keep-alive")),
+        (5, HeaderName::from_static("proxy-connection")),
     ] {
-        headers.remove(name);
+        if present & (1 << bit) != 0 {
+            headers.remove(name);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+        if present & 1 != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if present & (1 << 3) != 0 {
+            headers.remove(header::UPGRADE);
+        }
     }
+}
+
+/// Whether a Connection header names a field beyond the ones removed anyway
+/// (`close` and `keep-alive` are options, not fields, and `upgrade` is
+/// handled by its own rule).
+fn names_other_fields(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .map(|v| v.as_bytes())
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .any(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && !t.eq_ignore_ascii_case(b"upgrade")
+        })
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -715,4 +776,75 @@ fn error_owned(status: StatusCode, message: impl Into<Cow<'static, str>>) -> Res
     h.insert(header::SERVER, HeaderValue::from_static("legate"));
     h.insert(header::VIA, HeaderValue::from_static("1.1 legate"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in fields {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("trailer", "x-sum"),
+            ("upgrade", "websocket"),
+            ("x-app", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host", "x-app"]);
+    }
+
+    #[test]
+    fn fields_the_connection_header_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "close, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "s"),
+            ("x-other", "o"),
+            ("x-app", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["x-app"]);
+    }
+
+    #[test]
+    fn a_head_without_hop_by_hop_fields_is_untouched() {
+        let mut h = headers(&[("host", "a"), ("content-length", "5"), ("x-app", "1")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["content-length", "host", "x-app"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_says_so() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
 }

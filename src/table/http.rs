@@ -34,6 +34,39 @@ pub struct ConnLimits {
     pub max_headers_size: usize,
     /// A request moving no byte either way this long is ended.
     pub stream_idle_timeout: Duration,
+    /// What the client may speak.
+    pub versions: HttpVersions,
+}
+
+/// The HTTP versions a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersions {
+    /// Each connection's first bytes tell HTTP/2 prior knowledge from HTTP/1.x.
+    Both,
+    Http1,
+    H2c,
+}
+
+impl HttpVersions {
+    pub fn from_config(versions: &[crate::config::HttpVersion]) -> Self {
+        use crate::config::HttpVersion;
+        let http1 = versions.contains(&HttpVersion::Http1);
+        let h2c = versions.contains(&HttpVersion::H2c);
+        match (http1, h2c) {
+            (true, false) => HttpVersions::Http1,
+            (false, true) => HttpVersions::H2c,
+            // Validation refuses an empty list.
+            _ => HttpVersions::Both,
+        }
+    }
+
+    pub fn describe(self) -> &'static [&'static str] {
+        match self {
+            HttpVersions::Both => &["http1", "h2c"],
+            HttpVersions::Http1 => &["http1"],
+            HttpVersions::H2c => &["h2c"],
+        }
+    }
 }
 
 /// One route.
