@@ -98,7 +98,17 @@ async fn respond(
         Some(d) => Some(route.max_grpc_timeout.map_or(d, |max| d.min(max))),
         None => route.timeout,
     };
-    let forwarded = forward(req, route, target, conn, client_upgrade, is_grpc, idle);
+    // Boxed once here: the deadline and idle wrappers below would otherwise
+    // each copy kilobytes of future as they take it.
+    let forwarded = Box::pin(forward(
+        req,
+        route,
+        target,
+        conn,
+        client_upgrade,
+        is_grpc,
+        idle,
+    ));
     let timed_out = || Answer {
         response: error(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
         cluster: Some(target.cluster.name.clone()),

@@ -124,13 +124,16 @@ pub async fn connect_http(
             Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
             Err(_) => continue,
         };
-        let stream = match cluster.try_connect(&endpoint).await {
+        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the rare
+        // path, and inline its state would make every request's future
+        // kilobytes larger, copied each time the future moves.
+        let stream = match Box::pin(cluster.try_connect(&endpoint)).await {
             Ok(stream) => stream,
             Err(Failure::Local(e)) => return Err(ConnectError::Local(e)),
             Err(_) => continue,
         };
         let http2 = cluster.spec.http2 || stream.alpn_h2();
-        match handshake(stream, fd, http2, drivers).await {
+        match Box::pin(handshake(stream, fd, http2, drivers)).await {
             Ok(sender) => {
                 if let Sender::H2(s) = &sender {
                     endpoint.pool.set_h2(s.clone());
