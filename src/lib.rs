@@ -38,6 +38,7 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod wake;
 
 use config::ConfigError;
 use listener::{BoundAddrs, Listeners};

@@ -30,6 +30,7 @@ use crate::metrics;
 use crate::shutdown::{Shutdown, Tasks};
 use crate::table::{ListenerKind, RoutingTable, Wire};
 use crate::tcp;
+use crate::wake::OnWake;
 
 /// The address each listener actually bound (port 0 resolved), shown by `/config`.
 /// Written on bind, read by the admin server: never on the connection path.
@@ -291,7 +292,7 @@ impl Accept {
                 let _admitted = (permit, client_fd);
                 tokio::select! {
                     _ = dispatch(client, peer, name.clone(), table, http, upstream_fd) => {}
-                    _ = force_close.cancelled() => {
+                    _ = OnWake::new(force_close.cancelled()) => {
                         tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");
                     }
                 }

@@ -42,6 +42,7 @@ use crate::shutdown::Tasks;
 use crate::table::RoutingTable;
 use crate::table::http::{ConnLimits, HttpVersions};
 use crate::upstream::pool::ProxyBody;
+use crate::wake::OnWake;
 use idle::{ResponseIdle, StreamIdle};
 
 pub mod grpc;
@@ -147,22 +148,30 @@ async fn watch<C: Future>(
     stop: CancellationToken,
 ) -> bool {
     tokio::pin!(served);
+    // Polled only when the watchdog's timer or the token woke the task, not
+    // on each of the connection's own wake-ups.
+    let side = OnWake::new(async {
+        tokio::select! {
+            expired = activity.expired(limits) => Some(expired),
+            _ = stop.cancelled() => None,
+        }
+    });
     tokio::select! {
         _ = served.as_mut() => return true,
-        expired = activity.expired(limits) => match expired {
+        expired = side => match expired {
             // A head that never completes: nothing to be graceful about.
-            Expired::Head => {
+            Some(Expired::Head) => {
                 tracing::debug!("closing connection: request head not received within header_timeout");
                 return false;
             }
             // A client that stopped reading: graceful would wait forever.
-            Expired::Stalled => {
+            Some(Expired::Stalled) => {
                 tracing::debug!("closing connection: the client took no response bytes for stream_idle_timeout");
                 return false;
             }
-            Expired::Idle => tracing::debug!("closing connection: idle_timeout"),
+            Some(Expired::Idle) => tracing::debug!("closing connection: idle_timeout"),
+            None => {}
         },
-        _ = stop.cancelled() => {}
     }
     graceful_shutdown(served.as_mut());
     // Idle or closing: what is in flight finishes, within the idle timeout.
