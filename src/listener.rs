@@ -67,6 +67,10 @@ fn bind_now(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies
+    // the option at accept): one setsockopt here instead of one per
+    // connection. legate writes whole heads and chunks, so Nagle only delays.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -384,7 +388,6 @@ async fn dispatch(
     m.connections_total.inc();
     m.connections_active.inc();
     let _active = scopeguard(|| m.connections_active.dec());
-    let _ = client.set_nodelay(true);
 
     match &listener.kind {
         ListenerKind::Tcp(tcp) => {
@@ -473,4 +476,19 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections are accepted with Nagle off, without a setsockopt each.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let listener = bind_now("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

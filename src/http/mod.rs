@@ -32,7 +32,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -373,6 +373,12 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// hyper's own first read is this large too.
 const FIRST_READ: usize = 8192;
 
+thread_local! {
+    /// Where a connection's first read lands (one per worker thread).
+    static FIRST: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; FIRST_READ].into_boxed_slice());
+}
+
 struct Rewrite {
     bytes: Vec<u8>,
     sent: usize,
@@ -386,26 +392,44 @@ impl Watched {
     /// are kept for hyper, so telling costs no read of its own (one read
     /// syscall carries a whole first request, as without sniffing).
     async fn sniff(&mut self) -> std::io::Result<Option<bool>> {
-        let mut first = bytes::BytesMut::with_capacity(FIRST_READ);
+        // Only a preface split across reads needs more than one.
+        let mut seen = bytes::BytesMut::new();
         loop {
-            // Through poll_read: a short read clears the socket's readiness,
-            // so hyper's next read waits for epoll instead of a wasted recv.
-            let n = self.inner.read_buf(&mut first).await?;
-            if n == 0 {
+            let chunk = std::future::poll_fn(|cx| self.poll_first(cx)).await?;
+            if chunk.is_empty() {
                 return Ok(None);
             }
             // A head has begun (if this turns out HTTP/2, it is forgotten).
             self.activity.read();
-            let seen = &first[..];
+            let first = if seen.is_empty() {
+                chunk
+            } else {
+                seen.extend_from_slice(&chunk);
+                seen.split().freeze()
+            };
             // Still a strict prefix of the preface: not decided yet.
-            if seen.len() < PREFACE.len() && PREFACE.starts_with(seen) {
+            if first.len() < PREFACE.len() && PREFACE.starts_with(&first) {
+                seen.extend_from_slice(&first);
                 continue;
             }
-            let http2 = seen.starts_with(PREFACE);
+            let http2 = first.starts_with(PREFACE);
             self.activity.protocol(http2);
-            self.first = Some(first.freeze());
+            self.first = Some(first);
             return Ok(Some(http2));
         }
+    }
+
+    /// One read into the worker's first-read buffer, copied out at its size:
+    /// no 8 KiB allocation per connection. Through `poll_read`, so a short
+    /// read clears the socket's readiness and hyper's next read waits for
+    /// epoll instead of making a wasted recv.
+    fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Bytes>> {
+        FIRST.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut read = ReadBuf::new(&mut buf[..]);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut read))?;
+            Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
+        })
     }
 
     /// Whether `buf` is hyper answering a head it could not parse: an error
