@@ -5,7 +5,7 @@
 //!
 //!   cargo bench --bench hot_path
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -89,22 +89,23 @@ fn count(size: usize) {
     }
 }
 
-// SAFETY: every call is forwarded to the system allocator unchanged.
+// SAFETY: every call is forwarded unchanged to legate's own allocator (the
+// one the binary uses).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
-        unsafe { System.alloc(layout) }
+        unsafe { legate::memory::Allocator.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { legate::memory::Allocator.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { legate::memory::Allocator.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { legate::memory::Allocator.dealloc(ptr, layout) }
     }
 }
 

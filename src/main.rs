@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+#[global_allocator]
+static ALLOCATOR: legate::memory::Allocator = legate::memory::Allocator;
 use tracing_subscriber::EnvFilter;
 
 /// An ambassador sidecar: forwards localhost ports to clusters chosen from routing

@@ -1,4 +1,14 @@
-//! Giving freed memory back to the kernel, so RSS follows the load down.
+//! The allocator, and giving freed memory back to the kernel, so RSS follows
+//! the load down.
+//!
+//! [`Allocator`] is glibc's malloc, except for over-aligned blocks: tokio
+//! aligns each task and each socket's readiness slot to 128 bytes, and glibc
+//! 2.36's `posix_memalign` takes a slow path (no thread cache, a split of a
+//! larger chunk) that cost ~2,400 instructions per accepted connection, 5%
+//! of a proxied request on a new connection. Those blocks are taken from
+//! plain `malloc` with room to align them instead. mimalloc was measured as
+//! the alternative: 10% fewer instructions per connection, but 6 MB more
+//! RSS at idle (and, tuned to commit lazily, half the request rate).
 //!
 //! glibc's malloc keeps what a burst of connections freed: per-thread arenas
 //! are only trimmed at their top, and its dynamic mmap threshold moves large
@@ -10,7 +20,77 @@
 //! sidecar pays nothing but a `mallinfo2` call.
 #![allow(unsafe_code)]
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::time::Duration;
+
+/// What glibc's malloc aligns every block to on 64-bit targets.
+const MALLOC_ALIGN: usize = 16;
+
+/// glibc's malloc, with over-aligned blocks carved out of plain `malloc`.
+pub struct Allocator;
+
+// SAFETY: blocks aligned to at most MALLOC_ALIGN come straight from malloc,
+// realloc and free. A block with a larger alignment A (a power of two) is
+// `size + A` bytes from malloc, returned at the first A-aligned address past
+// its start; malloc's own 16-byte alignment puts that at least 16 bytes in,
+// so the word before it holds the address malloc returned, which `dealloc`
+// frees. Callers pass the same layout to `dealloc` as to `alloc` (the
+// GlobalAlloc contract), so the two kinds never mix.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= MALLOC_ALIGN {
+            return unsafe { libc::malloc(layout.size()) }.cast();
+        }
+        let Some(total) = layout.size().checked_add(layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        let raw = unsafe { libc::malloc(total) }.cast::<u8>();
+        if raw.is_null() {
+            return raw;
+        }
+        let offset = layout.align() - (raw as usize & (layout.align() - 1));
+        // SAFETY: offset is in 16..=align, inside the `size + align` bytes.
+        let aligned = unsafe { raw.add(offset) };
+        unsafe { aligned.cast::<*mut u8>().sub(1).write_unaligned(raw) };
+        aligned
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.align() <= MALLOC_ALIGN {
+            unsafe { libc::free(ptr.cast()) };
+        } else {
+            let raw = unsafe { ptr.cast::<*mut u8>().sub(1).read_unaligned() };
+            unsafe { libc::free(raw.cast()) };
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= MALLOC_ALIGN {
+            return unsafe { libc::calloc(1, layout.size()) }.cast();
+        }
+        let ptr = unsafe { self.alloc(layout) };
+        if !ptr.is_null() {
+            unsafe { ptr.write_bytes(0, layout.size()) };
+        }
+        ptr
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= MALLOC_ALIGN {
+            return unsafe { libc::realloc(ptr.cast(), new_size) }.cast();
+        }
+        // SAFETY: the caller guarantees new_size is valid for this alignment.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}
 
 /// How often the free memory is looked at.
 const EVERY: Duration = Duration::from_secs(5);
@@ -50,3 +130,29 @@ fn free_bytes() -> usize {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_of_every_alignment_are_aligned_zeroed_and_kept_on_realloc() {
+        let a = Allocator;
+        for align in [1, 8, 16, 32, 64, 128, 4096] {
+            for size in [1, 7, 64, 1000, 5000] {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                unsafe {
+                    let p = a.alloc_zeroed(layout);
+                    assert!(!p.is_null());
+                    assert_eq!(p as usize % align, 0, "align {align} size {size}");
+                    assert!((0..size).all(|i| *p.add(i) == 0));
+                    p.write_bytes(0xa5, size);
+                    let q = a.realloc(p, layout, size * 3);
+                    assert_eq!(q as usize % align, 0);
+                    assert!((0..size).all(|i| *q.add(i) == 0xa5));
+                    a.dealloc(q, Layout::from_size_align(size * 3, align).unwrap());
+                }
+            }
+        }
+    }
+}
