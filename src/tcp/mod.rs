@@ -30,6 +30,7 @@ use crate::fds;
 use crate::metrics::ListenerMetrics;
 use crate::table::Route;
 use crate::upstream::{self, UpstreamStream};
+use crate::wake::OnWake;
 
 #[cfg(target_os = "linux")]
 mod splice;
@@ -149,19 +150,19 @@ pub async fn serve(mut client: TcpStream, session: Session) {
             return;
         }
     };
+    // Polled only when a token fires, not on each wake-up of the transfer.
+    let retired = OnWake::new(async {
+        tokio::select! {
+            _ = route.retired.cancelled() => "a reload moved this route",
+            _ = endpoint.retired.cancelled() => "a reload removed its endpoint from the cluster",
+        }
+    });
     let forwarded = tokio::select! {
         r = forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream, idle_timeout) => r,
-        _ = route.retired.cancelled() => {
+        why = retired => {
             tracing::info!(
                 listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
-                "closing connection: a reload moved this route (drain_on_change)"
-            );
-            return;
-        }
-        _ = endpoint.retired.cancelled() => {
-            tracing::info!(
-                listener = %listener, client = %peer, cluster = %cluster.name, endpoint = %endpoint.label,
-                "closing connection: a reload removed its endpoint from the cluster (drain_on_change)"
+                "closing connection: {why} (drain_on_change)"
             );
             return;
         }
