@@ -109,6 +109,9 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
         let idle = StreamIdle::new(stream_idle, !req.body().is_end_stream());
         async move {
             let response = proxy::handle(req, conn, &idle).await;
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.0.upgraded.store(true, Ordering::Relaxed);
+            }
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 body,
                 idle: idle.response(),
@@ -194,6 +197,8 @@ struct Activity {
     write_blocked_since: AtomicU64,
     /// The connection speaks HTTP/2 (set once its protocol is known).
     http2: std::sync::atomic::AtomicBool,
+    /// A response switched protocols: the socket now carries a tunnel.
+    upgraded: std::sync::atomic::AtomicBool,
 }
 
 /// Which deadline passed.
@@ -212,6 +217,7 @@ impl Activity {
             head_since: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(0),
             http2: false.into(),
+            upgraded: false.into(),
         }
     }
 
@@ -548,6 +554,12 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // hyper shuts the socket down just before it drops it, and the close
+        // sends the same FIN: a syscall per connection saved. A tunnel (an
+        // upgraded connection) needs its half-close, so it gets the real one.
+        if !self.activity.upgraded.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
