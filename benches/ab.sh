@@ -11,21 +11,11 @@
 set -euo pipefail
 A=${1:?old binary}; B=${2:?new binary}; ROUNDS=${3:-8}; DUR=${4:-5}
 W=$(mktemp -d); H=127.0.0.1; BACK=$H:31380
-cleanup() { set +e; for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
-trap cleanup EXIT
-mkdir -p $W/backend
-cat > $W/backend/nginx.conf <<CONF
-daemon off; master_process off; worker_processes 1; error_log $W/backend/error.log; pid $W/backend/nginx.pid;
-worker_rlimit_nofile 16384; events { worker_connections 8192; }
-http { access_log off; client_body_temp_path $W/backend; proxy_temp_path $W/backend; fastcgi_temp_path $W/backend; uwsgi_temp_path $W/backend; scgi_temp_path $W/backend;
-  server { listen $BACK backlog=4096; keepalive_requests 10000000; location / { return 200 'ok'; } } }
-CONF
+source "$(dirname "$0")/backend.sh"
+start_backend $BACK taskset -c 0
 declare -A PORT=([a]=31381 [b]=31382) BIN=([a]=$A [b]=$B) PID
-ulimit -n 20000 2>/dev/null || true
-taskset -c 0 nginx -p $W/backend -c $W/backend/nginx.conf > $W/backend.log 2>&1 & echo $! > $W/backend.pid
 for v in a b; do
-  mkdir -p $W/$v
-  printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\nclusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $H ${PORT[$v]} $BACK > $W/$v/bench.yaml
+  legate_config $W/$v ${PORT[$v]}
   taskset -c 1 ${BIN[$v]} --config $W/$v --admin $H:0 --threads 1 --log warn --shutdown-delay 0s > $W/$v.log 2>&1 & echo $! > $W/$v.pid
   PID[$v]=$!
 done

@@ -16,18 +16,9 @@ set -euo pipefail
 SECS=${SECS:-5}
 for t in valgrind callgrind_control nginx wrk curl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
 W=$(mktemp -d); H=127.0.0.1; BACK=$H:31780; PORT=31781
-cleanup() { set +e; for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
-trap cleanup EXIT
-mkdir -p $W/backend $W/l
-cat > $W/backend/nginx.conf <<CONF
-daemon off; master_process off; worker_processes 1; error_log $W/backend/error.log; pid $W/backend/nginx.pid;
-worker_rlimit_nofile 16384; events { worker_connections 8192; }
-http { access_log off; client_body_temp_path $W/backend; proxy_temp_path $W/backend; fastcgi_temp_path $W/backend; uwsgi_temp_path $W/backend; scgi_temp_path $W/backend;
-  server { listen $BACK backlog=4096; keepalive_requests 10000000; location / { return 200 'ok'; } } }
-CONF
-ulimit -n 20000 2>/dev/null || true
-nginx -p $W/backend -c $W/backend/nginx.conf > $W/backend.log 2>&1 & echo $! > $W/backend.pid
-printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\nclusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $H $PORT $BACK > $W/l/bench.yaml
+source "$(dirname "$0")/backend.sh"
+start_backend $BACK
+legate_config $W/l $PORT
 count() { # binary, test -> "N requests, I instructions/request"
   local bin=$1 test=$2 args=() n
   [ $test = close ] && args=(-H "Connection: close")

@@ -80,28 +80,36 @@ mod tests {
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
 
+    /// The side future is cancelled by the busy branch itself after five
+    /// ticks: the cancel wakes it through its own waker, and the next pass
+    /// of the select takes it (biased, so it comes before another tick).
     #[tokio::test]
     async fn a_side_future_finishes_when_it_wakes_while_the_main_one_is_busy() {
         let token = CancellationToken::new();
         let side = OnWake::new(token.clone().cancelled_owned());
         tokio::pin!(side);
         let mut ticks = 0;
-        let mut every = tokio::time::interval(Duration::from_millis(5));
-        let canceller = {
-            let token = token.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                token.cancel();
-            })
-        };
-        loop {
-            tokio::select! {
-                _ = every.tick() => ticks += 1,
-                () = side.as_mut() => break,
+        let mut every = tokio::time::interval(Duration::from_millis(1));
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = side.as_mut() => break,
+                    _ = every.tick() => {
+                        ticks += 1;
+                        if ticks == 5 {
+                            token.cancel();
+                        }
+                    }
+                }
             }
-        }
-        assert!(ticks >= 5, "the busy branch kept running ({ticks} ticks)");
-        canceller.await.unwrap();
+        })
+        .await;
+        assert!(ended.is_ok(), "the cancel reached the side future");
+        assert_eq!(
+            ticks, 5,
+            "the busy branch ran until the cancel, and no longer"
+        );
     }
 
     #[tokio::test]

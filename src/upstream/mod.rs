@@ -205,6 +205,7 @@ impl Cluster {
     /// the cluster; the final table's clusters when the process exits).
     fn spawn_owned(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let stop = self.stop.clone();
+        // Owned by the cluster's `stop` token: `retire` ends it.
         tokio::spawn(async move {
             tokio::select! {
                 () = task => {}

@@ -339,20 +339,29 @@ impl Client {
     }
 }
 
-/// Runs curl with `args` against `url`: (status, headers+body as text).
-pub fn curl(args: &[&str], url: &str) -> (u16, String) {
+/// Runs curl with `args` against `url`: what it printed (headers and body)
+/// and on stderr, whether or not it got an answer.
+pub fn curl_output(args: &[&str], url: &str) -> (String, String) {
     let out = std::process::Command::new("curl")
         .args(["-sS", "-i", "--max-time", "10"])
         .args(args)
         .arg(url)
         .output()
         .expect("run curl (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs curl with `args` against `url`: (status, headers+body as text).
+pub fn curl(args: &[&str], url: &str) -> (u16, String) {
+    let (text, stderr) = curl_output(args, url);
     let status = text
         .lines()
         .next()
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("curl: {text} {}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| panic!("curl: {text} {stderr}"));
     (status, text)
 }
