@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod diff;
 pub mod fds;
 pub mod http;
 pub mod kafka;

@@ -70,6 +70,16 @@ struct Cli {
 enum Command {
     /// Validate the config directory and print the compiled table; exit 1 on error.
     Check,
+    /// Show what a reload from OLD to NEW would do. Each is a config directory
+    /// or a running legate's admin address (http://127.0.0.1:9901). Exit 0: no
+    /// change, 1: errors (NEW would be rejected), 2: changes.
+    Diff {
+        old: String,
+        new: String,
+        /// Print the report as JSON (for CI gates).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -125,6 +135,21 @@ fn parse_debounce(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
 
+    if let Some(Command::Diff { old, new, json }) = &cli.command {
+        let report = legate::diff::Report::of(
+            &legate::diff::Source::parse(old),
+            &legate::diff::Source::parse(new),
+        );
+        if *json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        } else {
+            print!("{}", report.text());
+        }
+        return ExitCode::from(report.exit_code());
+    }
     if let Some(Command::Check) = cli.command {
         return match legate::check(&cli.config) {
             Ok(table) => {

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use serde_saphyr::Spanned;
 
 use crate::config::{
-    Config, Cutover, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, LbPolicy, Protocol,
-    RouteConfig, SplitConfig,
+    Config, Cutover, EndpointTarget, HeaderMatchConfig, HeaderOpsConfig, HealthKind, LbPolicy,
+    Protocol, RouteConfig, SplitConfig,
 };
 use crate::metrics::{self, Series};
 use crate::postgres::fence;
@@ -405,7 +405,14 @@ impl RoutingTable {
                 });
                 match &l.kind {
                     ListenerKind::Tcp(tcp) => {
-                        v["protocol"] = json!("tcp");
+                        v["protocol"] = json!(match &tcp.wire {
+                            Wire::Raw => "tcp",
+                            Wire::Postgres(_) => "postgres",
+                            Wire::Kafka { .. } => "kafka",
+                        });
+                        if let Wire::Kafka { ports, .. } = &tcp.wire {
+                            v["broker_ports"] = json!(ports.range().to_string());
+                        }
                         merge_json(&mut v, describe_target(&tcp.target));
                         if let Some(t) = tcp.idle_timeout {
                             v["idle_timeout"] = json!(humantime::format_duration(t).to_string());
@@ -456,8 +463,21 @@ impl RoutingTable {
                 if let Some(grace) = spec.drain_on_change {
                     v["drain_on_change"] = json!(humantime::format_duration(grace).to_string());
                 }
+                if spec.http2 {
+                    v["http2"] = json!(true);
+                }
+                if spec.cutover == Cutover::Fenced {
+                    v["cutover"] = json!("fenced");
+                }
+                if let Some(tls) = &spec.tls {
+                    v["tls"] = tls.describe();
+                }
                 if let Some(h) = &spec.health {
                     v["health"] = json!({
+                        "kind": match h.kind {
+                            HealthKind::Tcp => "tcp",
+                            HealthKind::Postgres => "postgres",
+                        },
                         "interval": humantime::format_duration(h.interval.0).to_string(),
                         "timeout": humantime::format_duration(h.timeout.0).to_string(),
                         "unhealthy": h.unhealthy,

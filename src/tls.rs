@@ -165,6 +165,28 @@ impl TlsClient {
     }
 }
 
+impl TlsClient {
+    /// What `/config` shows. The fingerprint covers the settings and every
+    /// file's content, so two descriptions differ exactly when a reload would
+    /// build a new client (a rotated certificate included).
+    pub fn describe(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "verify": self.verify,
+            "fingerprint": format!("{:016x}", self.fingerprint),
+        });
+        if let Some(sni) = &self.sni {
+            v["sni"] = serde_json::json!(sni.to_str());
+        }
+        if self.direct {
+            v["direct"] = serde_json::json!(true);
+        }
+        if let Some(expiry) = self.cert_expiry {
+            v["client_cert_expiry"] = serde_json::json!(expiry);
+        }
+        v
+    }
+}
+
 impl PartialEq for TlsClient {
     fn eq(&self, other: &Self) -> bool {
         self.fingerprint == other.fingerprint

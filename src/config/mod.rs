@@ -346,6 +346,17 @@ pub struct PortRange {
     pub last: u16,
 }
 
+impl std::fmt::Display for PortRange {
+    /// As written in the config: `19100-19163`, or `19100` for one port.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
 /// What happens to new sessions while old ones drain from a cluster a
 /// reload moved a Postgres listener away from.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -52,6 +52,13 @@ pub type Spawn = Arc<dyn Fn(Arc<Broker>, std::net::TcpListener) + Send + Sync>;
 static REGISTRY: LazyLock<Mutex<HashMap<Arc<str>, Arc<BrokerPorts>>>> =
     LazyLock::new(Default::default);
 
+impl BrokerPorts {
+    /// The configured `broker_ports`.
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+}
+
 /// The brokers of listener `name` (kept for the life of the process, so a
 /// node id keeps its port across reloads).
 pub fn of(name: &Arc<str>, ip: IpAddr, range: PortRange) -> Arc<BrokerPorts> {
