@@ -28,6 +28,7 @@ pub mod config;
 pub mod diff;
 pub mod fds;
 pub mod http;
+pub mod inject;
 pub mod kafka;
 pub mod listener;
 pub mod memory;

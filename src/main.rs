@@ -80,6 +80,124 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Add legate as a sidecar to every Pod template in Kubernetes YAML
+    /// (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, List);
+    /// writes the result to stdout. Injecting twice changes nothing.
+    Inject(InjectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InjectArgs {
+    /// Manifest files (multi-document YAML); `-` or none: stdin.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    /// The ConfigMap holding the route table, mounted at /etc/legate.
+    #[arg(long, default_value = "legate-routes")]
+    configmap: String,
+    /// legate's image (default: the one in deploy/kubernetes/base).
+    #[arg(long)]
+    image: Option<String>,
+    /// The admin port (probes, metrics, scrape annotations).
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// resources.requests.cpu (default 50m).
+    #[arg(long)]
+    cpu_request: Option<String>,
+    /// resources.requests.memory (default 16Mi).
+    #[arg(long)]
+    memory_request: Option<String>,
+    /// resources.limits.cpu (default: none).
+    #[arg(long)]
+    cpu_limit: Option<String>,
+    /// resources.limits.memory (default 64Mi).
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// A regular container, for Kubernetes < 1.29 (no native sidecars; see the caveat it prints).
+    #[arg(long)]
+    classic: bool,
+    /// Replace an existing `legate` container or volume whose spec differs.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `legate inject`: every input is read and injected before anything is
+/// written, so an error leaves stdout empty (nothing half-injected reaches
+/// `kubectl apply`).
+fn inject(args: &InjectArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let opts = legate::inject::Options {
+        configmap: Some(args.configmap.clone()),
+        image: args.image.clone(),
+        admin_port: Some(args.admin_port),
+        cpu_request: args.cpu_request.clone(),
+        memory_request: args.memory_request.clone(),
+        cpu_limit: args.cpu_limit.clone(),
+        memory_limit: args.memory_limit.clone(),
+        classic: args.classic,
+        force: args.force,
+    };
+    let sidecar = match legate::inject::Sidecar::new(&opts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stdin = [PathBuf::from("-")];
+    let files = if args.files.is_empty() {
+        &stdin[..]
+    } else {
+        &args.files[..]
+    };
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    for file in files {
+        let (name, read) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            let read = std::io::stdin().read_to_string(&mut text).map(|_| text);
+            ("<stdin>".to_string(), read)
+        } else {
+            (file.display().to_string(), std::fs::read_to_string(file))
+        };
+        let text = match read {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match sidecar.inject(&name, &text, &mut |w| warnings.push(w)) {
+            Ok(injected) => {
+                // Files are joined as documents of one stream.
+                if !out.is_empty() {
+                    if !out.ends_with('\n') {
+                        out.push('\n');
+                    }
+                    if !injected.starts_with("---") {
+                        out.push_str("---\n");
+                    }
+                }
+                out.push_str(&injected);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    if args.classic {
+        eprintln!("{}", legate::inject::CLASSIC_CAVEAT);
+    }
+    match std::io::stdout().write_all(out.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the result: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -135,6 +253,9 @@ fn parse_debounce(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
 
+    if let Some(Command::Inject(args)) = &cli.command {
+        return inject(args);
+    }
     if let Some(Command::Diff { old, new, json }) = &cli.command {
         let report = legate::diff::Report::of(
             &legate::diff::Source::parse(old),
