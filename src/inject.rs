@@ -552,6 +552,52 @@ mod tests {
         assert_eq!(classic.annotations["prometheus.io/port"], "9911");
     }
 
+    /// Pieces of manifests, whole and broken, that the property test strings together.
+    const FRAGMENTS: &[&str] = &[
+        "---\n",
+        "--- \n",
+        "...\n",
+        "# a comment\n",
+        "\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n",
+        "spec:\n  template:\n    spec:\n      containers: [{name: app, image: x}]\n",
+        "spec: {template: {metadata: {annotations: {prometheus.io/port: '1'}}, spec: {containers: []}}}\n",
+        "kind: Pod\nspec: {containers: [{name: legate, image: other}]}\n",
+        "kind: Pod\nspec: {initContainers: 3, volumes: {a: 1}}\n",
+        "kind: CronJob\nspec: {jobTemplate: {spec: {template: {spec: {}}}}}\n",
+        "kind: List\nitems: [1, {kind: Pod, spec: {}}, {kind: List, items: null}]\n",
+        "kind: Pod\nmetadata: {annotations: [1]}\nspec: {containers: []}\n",
+        "{1: 2}\n",
+        "[a, b\n",
+        "key: : value\n",
+        "  bad indent: x\n",
+        "x: \"\\u00e9\"\n",
+        "\u{feff}\n",
+        "--- {kind: Pod, spec: {}}\n",
+        "- one\n- two\n",
+        "&a {kind: Pod, spec: *a}\n",
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Whatever the input: no panic, and what inject writes, injected
+        /// again, is the same bytes (or the same refusal).
+        #[test]
+        fn any_input_is_refused_or_injected_idempotently(
+            picks in proptest::collection::vec(0..FRAGMENTS.len(), 0..12),
+            force in proptest::bool::ANY,
+            classic in proptest::bool::ANY,
+        ) {
+            let input: String = picks.iter().map(|&i| FRAGMENTS[i]).collect();
+            let sidecar = Sidecar::new(&Options { force, classic, ..opts() }).expect("template");
+            if let Ok(out) = sidecar.inject("input", &input, &mut |_| {}) {
+                let again = sidecar.inject("output", &out, &mut |_| {}).map_err(|e| e.to_string());
+                proptest::prop_assert_eq!(again, Ok(out), "input: {:?}", input);
+            }
+        }
+    }
+
     #[test]
     fn covers_allows_server_defaults_but_not_changes() {
         let want = json!({ "name": "legate", "ports": [{ "containerPort": 9901 }] });
