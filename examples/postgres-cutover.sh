@@ -53,8 +53,15 @@ PIDS+=($IDLE)
 exec 7> "$WORK/idle.fifo"   # an idle session: psql waits for input that never comes
 sleep 3
 
-say "flip the ConfigMap: orders-db -> pg-new (kubelet-style ..data swap)"
 routes pg-new
+say "before the flip: legate diff (the running legate's /config vs the new files)"
+mkdir -p "$WORK/next" && cp "$WORK/routes.yaml" "$WORK/next/"
+set +e; "$LEGATE_BIN" diff "http://127.0.0.1:$ADMIN" "$WORK/next" | tee "$WORK/diff.txt"; DIFF=${PIPESTATUS[0]}; set -e
+[ "$DIFF" = 2 ] || fail "legate diff exited $DIFF, expected 2 (changes)"
+grep -q "open sessions on pg-old (.* open now) close at their next transaction boundary" "$WORK/diff.txt" \
+  || fail "legate diff did not say the sessions on pg-old leave at transaction boundaries"
+
+say "flip the ConfigMap: orders-db -> pg-new (kubelet-style ..data swap)"
 FLIP=$(psql -h 127.0.0.1 -p "$NEW" -U postgres -qAtc "select now()")
 configmap_swap "$WORK/cm" "$WORK/routes.yaml"
 wait_for "reload" bash -c "curl -fs http://127.0.0.1:$ADMIN/metrics | grep -q '^legate_config_generation 2'"
