@@ -1,4 +1,4 @@
-//! The admin server: `/healthz`, `/readyz`, `/metrics`, `/config`,
+//! The admin server: `/` (the status page), `/healthz`, `/readyz`, `/metrics`, `/config`,
 //! `POST /reload` and `POST /quitquitquit`, over HTTP/1.1 on a loopback address
 //! by default.
 //!
@@ -31,6 +31,7 @@ use crate::listener::BoundAddrs;
 use crate::metrics;
 use crate::reload::{self, Outcome};
 use crate::shutdown::Shutdown;
+use crate::status;
 use crate::table::RoutingTable;
 
 /// What the admin endpoints read.
@@ -42,6 +43,10 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub shutdown: Shutdown,
     pub reloads: reload::Handle,
+    /// When the process started serving, for the status page's uptime.
+    pub started: std::time::Instant,
+    /// The counters of earlier status page loads, for its rates.
+    pub history: Arc<status::History>,
 }
 
 /// Admin connections open at once; more wait in the backlog. Probes and a
@@ -127,7 +132,7 @@ async fn route(
     let method = req.method();
     let refused = match (path, method) {
         ("/quitquitquit" | "/reload", &Method::POST) => refuse_mutation(req, peer),
-        ("/config", _) => refuse_host(req),
+        ("/config" | "/", _) => refuse_host(req),
         _ => None,
     };
     if let Some(why) = refused {
@@ -153,15 +158,28 @@ async fn route(
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         ("/config", &Method::GET) => {
-            let table = state.tables.load();
-            let bound = state.bound.lock().map(|b| b.clone()).unwrap_or_default();
-            let mut config = table.describe(&bound);
-            config["reload"] = reload_status(state);
-            let body = serde_json::to_vec_pretty(&config).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&config(state)).unwrap_or_default();
             with_type(
                 Response::new(Full::new(Bytes::from(body))),
                 "application/json",
             )
+        }
+        ("/", &Method::GET) => {
+            let page = status::Page {
+                config: &config(state),
+                metrics: &metrics::get().gather(),
+                uptime: state.started.elapsed(),
+                refresh: status::refresh_of(req.uri().query()),
+            };
+            let mut resp = with_type(
+                Response::new(Full::new(Bytes::from(page.render(&state.history)))),
+                "text/html; charset=utf-8",
+            );
+            resp.headers_mut().insert(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            resp
         }
         ("/quitquitquit", &Method::POST) => {
             tracing::info!("shutdown requested by POST /quitquitquit");
@@ -182,14 +200,25 @@ async fn route(
                 format!("rejected, the table in use is kept:\n{error}\n"),
             ),
         },
-        ("/healthz" | "/readyz" | "/metrics" | "/config" | "/quitquitquit" | "/reload", _) => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            "/" | "/healthz" | "/readyz" | "/metrics" | "/config" | "/quitquitquit" | "/reload",
+            _,
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /readyz /metrics /config, POST /reload or POST /quitquitquit\n",
+            "not found; try / (status page), /healthz /readyz /metrics /config, POST /reload or POST /quitquitquit\n",
         ),
     }
+}
+
+/// `/config`'s answer: the table in use, where its listeners are bound, and
+/// the reload status. The status page shows the same.
+fn config(state: &AdminState) -> serde_json::Value {
+    let table = state.tables.load();
+    let bound = state.bound.lock().map(|b| b.clone()).unwrap_or_default();
+    let mut config = table.describe(&bound);
+    config["reload"] = reload_status(state);
+    config
 }
 
 /// The reload history for `/config`: generation, last success, last error.

@@ -288,7 +288,7 @@ impl Connections {
 }
 
 /// Keys of `/config` that are state, not configuration.
-const STATE: &[&str] = &["bound", "resolved", "reload", "generation"];
+const STATE: &[&str] = &["bound", "resolved", "dns", "reload", "generation"];
 
 fn compare(old: &Value, new: &Value) -> Vec<Change> {
     let mut changes = Vec::new();

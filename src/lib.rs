@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod postgres;
 pub mod reload;
 pub mod shutdown;
+pub mod status;
 pub mod table;
 pub mod tcp;
 pub mod tls;
@@ -128,6 +129,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             ready: ready.clone(),
             shutdown: shutdown.clone(),
             reloads,
+            started: std::time::Instant::now(),
+            history: Arc::default(),
         },
     ));
     background.spawn(shutdown::on_signals(shutdown.clone()));

@@ -578,6 +578,11 @@ impl Metrics {
         }
     }
 
+    /// Every family as the registry holds it now (the status page reads these).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();

@@ -447,11 +447,7 @@ impl RoutingTable {
                         EndpointTarget::Addr(a) => json!({ "endpoint": e.written, "address": a.to_string() }),
                         EndpointTarget::Name { .. } => json!({ "endpoint": e.written, "dns": true }),
                     }).collect::<Vec<_>>(),
-                    "resolved": c.endpoints().iter().map(|e| json!({
-                        "address": &*e.label,
-                        "healthy": e.is_available(),
-                        "active_connections": e.active(),
-                    })).collect::<Vec<_>>(),
+                    "resolved": c.endpoints().iter().map(describe_endpoint).collect::<Vec<_>>(),
                     "lb": match spec.lb {
                         LbPolicy::RoundRobin => "round_robin",
                         LbPolicy::LeastConn => "least_conn",
@@ -460,6 +456,22 @@ impl RoutingTable {
                     },
                     "connect_timeout": humantime::format_duration(spec.connect_timeout).to_string(),
                 });
+                let dns = c.dns_answers();
+                if !dns.is_empty() {
+                    v["dns"] = dns
+                        .iter()
+                        .map(|a| {
+                            json!({
+                                "name": a.name,
+                                "port": a.port,
+                                "addresses": a.addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>(),
+                                "ttl": a.ttl.map(|t| humantime::format_duration(t).to_string()),
+                                "resolved_at": a.at.map(rfc3339),
+                                "error": a.error,
+                            })
+                        })
+                        .collect();
+                }
                 if let Some(grace) = spec.drain_on_change {
                     v["drain_on_change"] = json!(humantime::format_duration(grace).to_string());
                 }
@@ -504,6 +516,31 @@ impl RoutingTable {
             "clusters": clusters,
         })
     }
+}
+
+/// One endpoint's live state: health by active checks (`up`), a passive
+/// ejection still running (`ejected_for`), open connections, the last failure.
+fn describe_endpoint(e: &Arc<crate::upstream::Endpoint>) -> serde_json::Value {
+    let (up, ejected) = e.health_state();
+    let mut v = json!({
+        "address": &*e.label,
+        "healthy": e.is_available(),
+        "up": up,
+        "active_connections": e.active(),
+    });
+    if let Some(left) = ejected {
+        // Whole milliseconds: the exact nanoseconds are noise to a reader.
+        let left = std::time::Duration::from_millis(left.as_millis() as u64);
+        v["ejected_for"] = json!(humantime::format_duration(left).to_string());
+    }
+    if let Some((message, at)) = e.last_error() {
+        v["last_error"] = json!({ "message": message, "at": rfc3339(at) });
+    }
+    v
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn describe_target(target: &Target) -> serde_json::Value {

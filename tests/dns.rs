@@ -81,6 +81,17 @@ fn multi_record_name_gives_several_endpoints() {
         body.contains("127.0.0.10:") && body.contains("127.0.0.11:"),
         "{body}"
     );
+    // The answer itself, for /config and the status page: addresses and TTL.
+    let config: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let answer = &config["clusters"][0]["dns"][0];
+    assert_eq!(answer["name"], "db.test.");
+    assert_eq!(
+        answer["addresses"],
+        serde_json::json!(["127.0.0.10", "127.0.0.11"])
+    );
+    assert!(answer["ttl"].is_string() && answer["error"].is_null(), "{answer}");
+    let (_, page) = legate.get("/?refresh=0");
+    assert!(page.contains("<td>db.test.:"), "{page}");
 }
 
 /// 1. The name resolves; then the DNS server dies.
@@ -101,6 +112,11 @@ fn keeps_stale_addresses_when_dns_fails() {
         assert_eq!(reach(legate.addr("app")).0, "a");
     }
     legate.wait_log(|l| l.contains("keeping the last good addresses"));
+    let config: serde_json::Value =
+        serde_json::from_str(&legate.get("/config").1).expect("json");
+    let answer = &config["clusters"][0]["dns"][0];
+    assert_eq!(answer["addresses"], serde_json::json!(["127.0.0.10"]), "stale, kept");
+    assert!(answer["error"].is_string(), "the failure is shown: {answer}");
 }
 
 /// A name that never resolves: the connection is closed promptly and counted,

@@ -100,10 +100,36 @@ impl Dns {
     }
 }
 
+/// The last answer for one name, as `/config` and the status page show it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub name: String,
+    pub port: u16,
+    /// The last good addresses (kept when a refresh fails).
+    pub addrs: Vec<SocketAddr>,
+    /// Their TTL as clamped; the name is asked again when it runs out.
+    pub ttl: Option<Duration>,
+    /// When the last good answer came.
+    pub at: Option<std::time::SystemTime>,
+    /// Why the last attempt failed, if it did.
+    pub error: Option<String>,
+}
+
 /// Keeps `cluster`'s resolved endpoints fresh until the cluster is dropped.
 pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
     // The last good answer per name; kept when a refresh fails.
     let mut answers: Vec<Option<Vec<SocketAddr>>> = vec![None; names.len()];
+    let mut shown: Vec<Answer> = names
+        .iter()
+        .map(|(name, port)| Answer {
+            name: name.clone(),
+            port: *port,
+            addrs: Vec::new(),
+            ttl: None,
+            at: None,
+            error: None,
+        })
+        .collect();
     let hosts: Vec<std::sync::Arc<str>> = names
         .iter()
         .map(|(h, _)| std::sync::Arc::from(h.as_str()))
@@ -113,7 +139,9 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
         let Some(c) = cluster.upgrade() else { return };
         let mut next = dns.max_ttl;
         let mut failed = false;
-        for ((host, port), answer) in names.iter().zip(answers.iter_mut()) {
+        for (((host, port), answer), show) in
+            names.iter().zip(answers.iter_mut()).zip(shown.iter_mut())
+        {
             match dns.resolve(host, *port).await {
                 Ok((addrs, ttl)) => {
                     metrics::get()
@@ -121,9 +149,14 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
                         .with_label_values(&[&c.name, "ok"])
                         .inc();
                     next = next.min(ttl);
+                    show.addrs.clone_from(&addrs);
+                    show.ttl = Some(ttl);
+                    show.at = Some(std::time::SystemTime::now());
+                    show.error = None;
                     *answer = Some(addrs);
                 }
                 Err(e) => {
+                    show.error = Some(e.clone());
                     metrics::get()
                         .dns_resolutions_total
                         .with_label_values(&[&c.name, "error"])
@@ -141,6 +174,7 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
             .flat_map(|(addrs, h)| addrs.iter().map(move |a| (*a, h.clone())))
             .collect();
         c.set_resolved(&resolved);
+        c.set_dns_answers(shown.clone());
         drop(c);
         if failed {
             let backoff = RETRY_BASE

@@ -53,6 +53,13 @@ impl Default for Health {
 // === impl Health ===
 
 impl Health {
+    /// Up by active checks, and how much longer a passive ejection lasts.
+    pub fn state(&self, now: u64) -> (bool, Option<Duration>) {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        let ejected = (now < until).then(|| Duration::from_millis(until - now));
+        (self.up.load(Ordering::Acquire), ejected)
+    }
+
     pub fn available(&self, now: u64) -> bool {
         self.up.load(Ordering::Acquire) && now >= self.ejected_until.load(Ordering::Acquire)
     }
@@ -128,8 +135,8 @@ pub async fn run(cluster: Weak<Cluster>, check: HealthConfig) {
             async move { (e, probe(e.addr, check).await) }
         });
         let results = futures_util::future::join_all(probes).await;
-        for (endpoint, ok) in results {
-            endpoint.probed(ok, &check, &c.name);
+        for (endpoint, result) in results {
+            endpoint.probed(result, &check, &c.name);
         }
         drop(c);
         tokio::time::sleep(jittered(check.interval.0)).await;
@@ -145,35 +152,55 @@ pub fn jittered(interval: Duration) -> Duration {
 
 /// One probe within the timeout: a TCP connect; `GET http_path` expecting a
 /// 2xx; or (`kind: postgres`) an SSLRequest answered `S` or `N`, which only a
-/// live postmaster does, and needs no credentials.
-async fn probe(addr: SocketAddr, check: &HealthConfig) -> bool {
+/// live postmaster does, and needs no credentials. A failure says why.
+async fn probe(addr: SocketAddr, check: &HealthConfig) -> Result<(), String> {
     let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         if check.kind == crate::config::HealthKind::Postgres {
             stream
                 .write_all(&crate::postgres::wire::SSL_REQUEST_PACKET)
                 .await
-                .ok()?;
-            let answer = stream.read_u8().await.ok()?;
-            return Some(answer == b'S' || answer == b'N');
+                .map_err(|e| e.to_string())?;
+            let answer = stream.read_u8().await.map_err(|e| e.to_string())?;
+            return match answer {
+                b'S' | b'N' => Ok(()),
+                other => Err(format!(
+                    "SSLRequest answered {other:#04x}, not a PostgreSQL server"
+                )),
+            };
         }
         let Some(path) = &check.http_path else {
-            return Some(true);
+            return Ok(());
         };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: legate-health\r\nConnection: close\r\n\r\n"
         );
-        stream.write_all(request.as_bytes()).await.ok()?;
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         // The status line is all we need: "HTTP/1.1 200 ...".
         let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.") && head[8] == b' ' && head[9] == b'2')
+        stream
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| e.to_string())?;
+        if head.starts_with(b"HTTP/1.") && head[8] == b' ' && head[9] == b'2' {
+            Ok(())
+        } else {
+            Err(format!(
+                "GET {path} answered {}",
+                String::from_utf8_lossy(&head[..]).trim_end()
+            ))
+        }
     };
-    tokio::time::timeout(check.timeout.0, attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    match tokio::time::timeout(check.timeout.0, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(check.timeout.0)
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
@@ -58,6 +58,8 @@ pub struct Cluster {
     /// probing and resolving.
     stop: CancellationToken,
     metrics: ClusterMetrics,
+    /// The last answer for each DNS name, for `/config` and the status page.
+    dns: Mutex<Vec<dns::Answer>>,
 }
 
 /// Everything in the config that defines a cluster's behaviour. Two clusters
@@ -101,6 +103,9 @@ pub struct Endpoint {
     /// Cancelled by that reload at once: Postgres sessions close at their
     /// next idle point.
     pub leaving: CancellationToken,
+    /// The last failed connect or probe and when, for `/config` and the
+    /// status page. Written only on failures.
+    last_error: Mutex<Option<(String, SystemTime)>>,
 }
 
 /// Decrements an endpoint's active count when the connection ends.
@@ -159,6 +164,19 @@ impl Cluster {
             grpc_over_http1: AtomicBool::new(false),
             stop: CancellationToken::new(),
             metrics,
+            dns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The last DNS answer of each name this cluster resolves (empty before
+    /// the first round, and for clusters of addresses).
+    pub fn dns_answers(&self) -> Vec<dns::Answer> {
+        self.dns.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_dns_answers(&self, answers: Vec<dns::Answer>) {
+        if let Ok(mut a) = self.dns.lock() {
+            *a = answers;
         }
     }
 
@@ -404,6 +422,7 @@ impl Cluster {
                     "TLS handshake with upstream failed");
             }
         }
+        endpoint.record_error(format!("connect: {}", failure.error()));
         let ejected_for = endpoint.connect_failed();
         tracing::warn!(cluster = %self.name, endpoint = %endpoint.label, error = %failure.error(),
             ejected_for = ?ejected_for, "upstream connect failed");
@@ -520,7 +539,24 @@ impl Endpoint {
             pool: pool::Pool::default(),
             retired: CancellationToken::new(),
             leaving: CancellationToken::new(),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// The last failed connect or health probe, and when it happened.
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn record_error(&self, error: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some((error, SystemTime::now()));
+        }
+    }
+
+    /// Up by active checks, and how much longer a passive ejection lasts.
+    pub fn health_state(&self) -> (bool, Option<Duration>) {
+        self.health.state(health::now_ms())
     }
 
     /// Connections open to this endpoint now.
@@ -544,7 +580,11 @@ impl Endpoint {
         d
     }
 
-    fn probed(&self, ok: bool, check: &HealthConfig, cluster: &str) {
+    fn probed(&self, result: Result<(), String>, check: &HealthConfig, cluster: &str) {
+        let ok = result.is_ok();
+        if let Err(e) = result {
+            self.record_error(format!("health check: {e}"));
+        }
         if let Some(up) = self.health.probed(ok, check) {
             tracing::info!(cluster, endpoint = %self.label, healthy = up, "active health check changed state");
         }
