@@ -152,6 +152,7 @@ impl Page<'_> {
             match (success, error_at) {
                 (_, Some(e)) if success.is_none_or(|s| e >= s) =>
                     format!("<span class=\"bad\">REJECTED</span> at {}", esc(e)),
+                (Some(s), _) if ok == 0.0 => format!("none; config loaded at {}", esc(s)),
                 (Some(s), _) => format!("<span class=\"good\">applied</span> at {}", esc(s)),
                 _ => "none since start".to_string(),
             }
@@ -161,9 +162,10 @@ impl Page<'_> {
             let _ = writeln!(
                 out,
                 "<div class=\"error\" id=\"reload-error\"><b>Last rejected config</b> ({}); the \
-                 table in use was kept:\n<pre>{}</pre></div>",
+                 table in use was kept:<br>\n<code>{}</code></div>",
                 esc(error_at.unwrap_or("")),
-                esc(message)
+                // Lines as breaks, not <pre>: a terminal browser wraps them.
+                esc(message).replace('\n', "<br>\n")
             );
         }
         let _ = writeln!(
@@ -521,7 +523,7 @@ tr.down td.state,.bad{background:#fdd;color:#a00;font-weight:bold}
 tr.ejected td.state{background:#ffe6b3;color:#7a4b00;font-weight:bold}
 tr.up td.state,.good{color:#060;font-weight:bold}
 .error{border:2px solid #c00;background:#fee;color:#700;padding:.4em .8em;margin:.5em 0}
-.error pre{white-space:pre-wrap;margin:.3em 0}
+.error code{display:block;margin:.3em 0;overflow-wrap:anywhere}
 </style>
 ";
 

@@ -89,7 +89,10 @@ fn multi_record_name_gives_several_endpoints() {
         answer["addresses"],
         serde_json::json!(["127.0.0.10", "127.0.0.11"])
     );
-    assert!(answer["ttl"].is_string() && answer["error"].is_null(), "{answer}");
+    assert!(
+        answer["ttl"].is_string() && answer["error"].is_null(),
+        "{answer}"
+    );
     let (_, page) = legate.get("/?refresh=0");
     assert!(page.contains("<td>db.test.:"), "{page}");
 }
@@ -112,11 +115,17 @@ fn keeps_stale_addresses_when_dns_fails() {
         assert_eq!(reach(legate.addr("app")).0, "a");
     }
     legate.wait_log(|l| l.contains("keeping the last good addresses"));
-    let config: serde_json::Value =
-        serde_json::from_str(&legate.get("/config").1).expect("json");
+    let config: serde_json::Value = serde_json::from_str(&legate.get("/config").1).expect("json");
     let answer = &config["clusters"][0]["dns"][0];
-    assert_eq!(answer["addresses"], serde_json::json!(["127.0.0.10"]), "stale, kept");
-    assert!(answer["error"].is_string(), "the failure is shown: {answer}");
+    assert_eq!(
+        answer["addresses"],
+        serde_json::json!(["127.0.0.10"]),
+        "stale, kept"
+    );
+    assert!(
+        answer["error"].is_string(),
+        "the failure is shown: {answer}"
+    );
 }
 
 /// A name that never resolves: the connection is closed promptly and counted,

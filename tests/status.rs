@@ -213,6 +213,30 @@ fn page_is_plain_html_with_rates_and_the_host_check() {
     );
     assert!(row(&second, "listener-api").contains("req/s"), "{second}");
 
+    // A terminal browser, 80 columns: the states are words, the error is there.
+    let mut w3m = Command::new("w3m")
+        .args(["-dump", "-T", "text/html", "-cols", "80"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("w3m (`bash .ci/run` installs it)");
+    w3m.stdin
+        .take()
+        .expect("stdin")
+        .write_all(second.as_bytes())
+        .expect("write page");
+    let shown = String::from_utf8(w3m.wait_with_output().expect("w3m").stdout).expect("utf-8");
+    for wanted in [
+        "orders-db",
+        "DOWN (health",
+        "UP",
+        "broken.yaml:4",
+        "REJECTED",
+    ] {
+        assert!(shown.contains(wanted), "{wanted} in:\n{shown}");
+    }
+    assert!(shown.lines().all(|l| l.chars().count() <= 80), "{shown}");
+
     let mut s = TcpStream::connect(legate.admin).expect("connect");
     s.write_all(b"GET / HTTP/1.1\r\nHost: rebind.example:9901\r\nConnection: close\r\n\r\n")
         .expect("write");
