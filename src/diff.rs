@@ -565,8 +565,8 @@ fn cluster_change(name: &str, o: &Value, n: &Value) -> Option<Change> {
             _ if o["tls"]["fingerprint"] != n["tls"]["fingerprint"]
                 && field_changes(&o["tls"], &n["tls"], &["fingerprint"]).is_empty() =>
             {
-                "tls: a certificate, key or CA file changed (new connections use it; open \
-                 ones keep their session)"
+                "tls: a CA, certificate or key file (its content or path) or another TLS \
+                 setting changed (new connections use it; open ones keep their session)"
                     .to_string()
             }
             _ => format!(

@@ -159,6 +159,7 @@ impl Sidecar {
             if !body.ends_with('\n') {
                 out.push('\n');
             }
+            out.push_str(doc.end_marker);
         }
         Ok(out)
     }
@@ -387,6 +388,9 @@ struct Document<'a> {
     marker: &'a str,
     /// Comment and blank lines before its content, kept when it is re-emitted.
     leading_comments: &'a str,
+    /// The `...` line that ended it, or "": kept too, since a document after
+    /// it may start without `---`.
+    end_marker: &'a str,
     /// Where its content starts, for messages (1-based, in the whole input).
     line: usize,
     /// Byte range of its content (after the marker).
@@ -476,10 +480,16 @@ fn document(input: &str, start: usize, marker_end: usize, end: usize, line: usiz
         .sum();
     // The content's first line, for messages: after the leading comments.
     let skipped = body[..comments_len].matches('\n').count();
+    let last_line = body.trim_end_matches('\n').rfind('\n').map_or(0, |i| i + 1);
+    let end_marker = match body[last_line..].trim_end_matches(['\n', '\r']) {
+        "..." => &body[last_line..],
+        _ => "",
+    };
     Document {
         text: &input[start..end],
         marker: &input[start..marker_end],
         leading_comments: &body[..comments_len],
+        end_marker,
         line: line + skipped,
         content: marker_end + comments_len..end,
     }
@@ -522,6 +532,8 @@ mod tests {
         assert_eq!(docs[1].leading_comments, "# c\n");
         assert_eq!(docs[1].line, 5);
         assert_eq!(&input[docs[2].content.clone()], "{c: 3}\n...\n");
+        assert_eq!(docs[2].end_marker, "...\n");
+        assert_eq!(docs[1].end_marker, "");
     }
 
     #[test]
@@ -578,8 +590,20 @@ mod tests {
         "&a {kind: Pod, spec: *a}\n",
     ];
 
+    /// Found by the property test: a document ended by `...` and followed by
+    /// one without `---` must stay two documents once the first is injected.
+    #[test]
+    fn an_end_marker_survives_reinjection() {
+        let sidecar = Sidecar::new(&opts()).expect("template");
+        let input = "kind: Pod\nspec: {containers: []}\n...\nkind: Service\n";
+        let out = sidecar.inject("input", input, &mut |_| {}).expect("inject");
+        assert!(out.ends_with("...\nkind: Service\n"), "{out}");
+        let again = sidecar.inject("output", &out, &mut |_| {}).expect("again");
+        assert_eq!(again, out);
+    }
+
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2048, ..Default::default() })]
 
         /// Whatever the input: no panic, and what inject writes, injected
         /// again, is the same bytes (or the same refusal).

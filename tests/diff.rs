@@ -189,6 +189,43 @@ fn broker_split_weights_and_cutover() {
     assert_eq!(conns["grace"], "1m");
 }
 
+/// TLS and health are compared: a changed setting is named, a rotated CA
+/// shows as a changed fingerprint, a new health check as added.
+#[test]
+fn tls_and_health_changes_are_named() {
+    let (first, second) = (
+        support::pki::Pki::new("first"),
+        support::pki::Pki::new("second"),
+    );
+    let table = |ca: &Path, sni: &str, health: &str| {
+        format!(
+            "listeners:\n  - {{ name: app, listen: 127.0.0.1:0, cluster: db }}\n\
+             clusters:\n  - name: db\n    endpoints: [ \"127.0.0.1:8443\" ]\n\
+             \x20   tls: {{ ca: {}, sni: {sni} }}\n{health}",
+            ca.display()
+        )
+    };
+    let old = config_dir(&[("legate.yaml", &table(&first.ca(), "db.test", ""))]);
+    let renamed = config_dir(&[(
+        "legate.yaml",
+        &table(&first.ca(), "db2.test", "    health: { interval: 2s }\n"),
+    )]);
+    let (code, report) = diff_json(&path(&old), &path(&renamed));
+    assert_eq!(code, 2, "{report:#}");
+    let details = change(&report, "cluster", "db")["details"].to_string();
+    assert!(
+        details.contains("tls: sni: db.test -> db2.test"),
+        "{details}"
+    );
+    assert!(details.contains("health: (none) -> {"), "{details}");
+
+    let rotated = config_dir(&[("legate.yaml", &table(&second.ca(), "db.test", ""))]);
+    let (code, report) = diff_json(&path(&old), &path(&rotated));
+    assert_eq!(code, 2, "{report:#}");
+    let details = change(&report, "cluster", "db")["details"].to_string();
+    assert!(details.contains("CA, certificate or key file"), "{details}");
+}
+
 /// NEW that a reload would reject: exit 1 with the error naming file and line;
 /// an empty directory too.
 #[test]
