@@ -42,6 +42,10 @@ impl Source {
     /// the errors a reload would reject it with, naming file and line).
     pub fn load(&self) -> Result<Value, String> {
         match self {
+            Source::Dir(dir) if dir.starts_with("https:") => Err(format!(
+                "{}: the admin server speaks plain HTTP (reach it with kubectl port-forward): use http://",
+                dir.display()
+            )),
             Source::Dir(dir) => crate::check(dir).map_err(|e| e.to_string()),
             Source::Admin(addr) => fetch_config(addr),
         }

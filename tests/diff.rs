@@ -292,4 +292,8 @@ fn against_a_running_legate_counts_open_connections() {
             .as_str()
             .is_some_and(|e| e.contains(&live))
     );
+    let (code, report) = diff_json(&live.replace("http:", "https:"), &path(&moved));
+    assert_eq!(code, 1);
+    let error = report["errors"][0].as_str().unwrap_or_default();
+    assert!(error.contains("plain HTTP"), "{error}");
 }

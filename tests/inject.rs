@@ -244,6 +244,25 @@ fn several_files_and_stdin_make_one_stream() {
     assert_eq!(inject_ok(&[], &joined), joined);
 }
 
+/// A Pod read back from the API server (`kubectl get -o yaml`) carries the
+/// defaults it filled in: that is still legate's sidecar, not a different one.
+#[test]
+fn server_defaults_do_not_make_an_injected_pod_different() {
+    let injected = inject_ok(&[], APP);
+    let mut pod = parse(&injected).remove(0);
+    let legate = &mut pod["spec"]["initContainers"][0];
+    legate["imagePullPolicy"] = json!("IfNotPresent");
+    legate["terminationMessagePath"] = json!("/dev/termination-log");
+    legate["terminationMessagePolicy"] = json!("File");
+    legate["ports"][0]["protocol"] = json!("TCP");
+    legate["readinessProbe"]["timeoutSeconds"] = json!(1);
+    legate["readinessProbe"]["successThreshold"] = json!(1);
+    pod["spec"]["volumes"][0]["configMap"]["defaultMode"] = json!(420);
+    pod["status"] = json!({ "phase": "Running" });
+    let from_server = serde_saphyr::to_string(&pod).expect("yaml");
+    assert_eq!(inject_ok(&[], &from_server), from_server);
+}
+
 const APP: &str = "apiVersion: v1
 kind: Pod
 metadata:
