@@ -460,7 +460,11 @@ impl Page<'_> {
                 let (class, state) = if e["up"] == false {
                     ("down", "DOWN (health check)".to_string())
                 } else if let Some(left) = e["ejected_for"].as_str() {
-                    ("ejected", format!("EJECTED for {left} (failed connects)"))
+                    let until = e["ejected_until"].as_str().unwrap_or("");
+                    (
+                        "ejected",
+                        format!("EJECTED for {left}, until {until} (failed connects)"),
+                    )
                 } else {
                     ("up", "UP".to_string())
                 };
@@ -696,6 +700,81 @@ mod tests {
         assert_eq!(refresh_of(Some("a=1&refresh=30")), 30);
         assert_eq!(refresh_of(Some("refresh=99999999")), MAX_REFRESH);
         assert_eq!(refresh_of(Some("refresh=-1")), DEFAULT_REFRESH);
+    }
+
+    /// Every section from a hand-made `/config` and real metric families:
+    /// an ejected endpoint, a DNS answer that failed, Postgres and Kafka
+    /// counters, and names escaped.
+    #[test]
+    fn renders_every_section() {
+        let registry = prometheus::Registry::new();
+        let counter = |name: &str, labels: &[&str]| {
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, "h"), labels)
+                .expect("counter");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        counter(
+            "legate_postgres_sessions_closed_total",
+            &["listener", "how"],
+        )
+        .with_label_values(&["pg", "idle"])
+        .inc_by(3);
+        counter("legate_kafka_requests_total", &["listener", "api"])
+            .with_label_values(&["kafka", "Metadata"])
+            .inc_by(7);
+        counter(
+            "legate_http_requests_total",
+            &["listener", "route", "cluster", "code"],
+        )
+        .with_label_values(&["web", "r<1>", "c", "5xx"])
+        .inc_by(2);
+        let config = serde_json::json!({
+            "listeners": [
+                { "name": "pg", "listen": "127.0.0.1:5432", "protocol": "postgres", "cluster": "db" },
+                { "name": "kafka", "listen": "127.0.0.1:9092", "protocol": "kafka", "broker_ports": "19100-19163", "cluster": "k" },
+                { "name": "web", "listen": "127.0.0.1:8080", "protocol": "http",
+                  "routes": [ { "name": "r<1>", "match": { "path_prefix": "/a" }, "split": [ { "cluster": "c", "weight": 90 }, { "cluster": "d", "weight": 10 } ], "timeout": "5s" } ] }
+            ],
+            "clusters": [ {
+                "name": "db", "lb": "round_robin", "connect_timeout": "2s",
+                "tls": { "verify": false, "sni": "db.internal", "fingerprint": "00" },
+                "resolved": [ { "address": "10.0.0.1:5432", "up": true, "active_connections": 2,
+                                "ejected_for": "4s", "ejected_until": "2026-11-26T08:50:04Z",
+                                "last_error": { "message": "connect: refused", "at": "2026-11-26T08:50:00Z" } } ],
+                "dns": [ { "name": "db.internal.", "port": 5432, "addresses": ["10.0.0.1"], "ttl": "30s",
+                           "resolved_at": "2026-11-26T08:49:00Z", "error": "timed out" } ]
+            } ],
+            "reload": { "generation": 3, "last_success": "2026-11-26T08:00:00Z", "last_error": null }
+        });
+        let page = Page {
+            config: &config,
+            metrics: &registry.gather(),
+            uptime: Duration::from_secs(3 * 3600 + 120),
+            refresh: 0,
+        };
+        let html = page.render(&History::default());
+        for wanted in [
+            "up 3h 2m",
+            "EJECTED for 4s, until 2026-11-26T08:50:04Z",
+            "connect: refused",
+            "<td>db.internal.:5432</td><td>10.0.0.1</td><td>30s</td>",
+            "class=\"bad\">timed out",
+            "sessions_closed: idle 3",
+            "requests: Metadata 7",
+            "broker ports 19100-19163",
+            "TLS to db.internal, NOT verified",
+            "split: c 90 / d 10",
+            "r&lt;1&gt;",
+            "<td class=\"num bad\">2</td>",
+        ] {
+            assert!(html.contains(wanted), "{wanted} in:\n{html}");
+        }
+        assert!(!html.contains("r<1>"), "names are escaped");
+        assert!(
+            !html.contains("reload-error"),
+            "no rejected config, no red box"
+        );
     }
 
     #[test]

@@ -532,6 +532,7 @@ fn describe_endpoint(e: &Arc<crate::upstream::Endpoint>) -> serde_json::Value {
         // Whole milliseconds: the exact nanoseconds are noise to a reader.
         let left = std::time::Duration::from_millis(left.as_millis() as u64);
         v["ejected_for"] = json!(humantime::format_duration(left).to_string());
+        v["ejected_until"] = json!(rfc3339(std::time::SystemTime::now() + left));
     }
     if let Some((message, at)) = e.last_error() {
         v["last_error"] = json!({ "message": message, "at": rfc3339(at) });
