@@ -598,6 +598,20 @@ fn describe_route(r: &http::HttpRoute) -> serde_json::Value {
     if let Some(p) = &r.rewrite_prefix {
         v["rewrite"]["path_prefix"] = json!(p);
     }
+    for (key, ops) in [
+        ("request_headers", &r.request_headers),
+        ("response_headers", &r.response_headers),
+    ] {
+        if !ops.add.is_empty() || !ops.remove.is_empty() {
+            v[key] = json!({
+                "add": ops.add.iter().map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
+                "remove": ops.remove.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+            });
+        }
+    }
+    if let Some(t) = r.max_grpc_timeout {
+        v["max_grpc_timeout"] = json!(humantime::format_duration(t).to_string());
+    }
     if let Some(mirror) = &r.mirror {
         v["mirror"] =
             json!({ "cluster": &*mirror.cluster.name, "percent": mirror.fraction * 100.0 });

@@ -226,6 +226,23 @@ fn tls_and_health_changes_are_named() {
     assert!(details.contains("CA, certificate or key file"), "{details}");
 }
 
+/// A route whose header edits change is reported, though its target stays.
+#[test]
+fn route_header_edits_are_compared() {
+    let http = std::fs::read_to_string(Path::new(&shipped("http")).join("legate.yaml"))
+        .expect("shipped table");
+    let edited = http.replace("x-forwarded-by: legate", "x-forwarded-by: legate-v2");
+    assert_ne!(edited, http);
+    let new = config_dir(&[("legate.yaml", &edited)]);
+    let (code, report) = diff_json(&shipped("http"), &path(&new));
+    assert_eq!(code, 2, "{report:#}");
+    let details = change(&report, "route", "api/internal")["details"].to_string();
+    assert!(
+        details.contains("request_headers") && details.contains("legate-v2"),
+        "{details}"
+    );
+}
+
 /// NEW that a reload would reject: exit 1 with the error naming file and line;
 /// an empty directory too.
 #[test]
