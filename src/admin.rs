@@ -229,13 +229,12 @@ fn reload_status(state: &AdminState) -> serde_json::Value {
         .lock()
         .map(|s| s.clone())
         .unwrap_or_default();
-    let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     serde_json::json!({
         "generation": status.generation,
-        "last_success": status.last_success.map(time),
+        "last_success": status.last_success.map(crate::table::rfc3339),
         "last_error": status.last_error.map(|(message, at)| serde_json::json!({
             "message": message,
-            "at": time(at),
+            "at": crate::table::rfc3339(at),
         })),
     })
 }

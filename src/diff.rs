@@ -21,6 +21,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::table::described::{items, targets, text};
+
 /// One side of the comparison, as given on the command line.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -126,6 +128,18 @@ pub struct Change {
     /// What happens to the connections that are open when the reload lands.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub connections: Vec<Connections>,
+}
+
+impl Change {
+    fn new(object: Object, name: impl Into<String>, change: Kind, details: Vec<String>) -> Change {
+        Change {
+            object,
+            name: name.into(),
+            change,
+            details,
+            connections: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -299,66 +313,58 @@ fn compare(old: &Value, new: &Value) -> Vec<Change> {
     let (old_listeners, new_listeners) = (named(old, "listeners"), named(new, "listeners"));
     for (name, n) in &new_listeners {
         match find(&old_listeners, name) {
-            None => changes.push(Change {
-                object: Object::Listener,
-                name: name.clone(),
-                change: Kind::Added,
-                details: vec![format!(
+            None => changes.push(Change::new(
+                Object::Listener,
+                name.clone(),
+                Kind::Added,
+                vec![format!(
                     "binds {} ({}), sends to {}",
-                    text_of(n, "listen"),
-                    text_of(n, "protocol"),
+                    text(&n["listen"]),
+                    text(&n["protocol"]),
                     target_text(n)
                 )],
-                connections: Vec::new(),
-            }),
+            )),
             Some(o) => changes.extend(listener_changes(name, o, n, old)),
         }
     }
     for (name, o) in &old_listeners {
         if find(&new_listeners, name).is_none() {
-            changes.push(Change {
-                object: Object::Listener,
-                name: name.clone(),
-                change: Kind::Removed,
-                details: vec![format!(
+            changes.push(Change::new(
+                Object::Listener,
+                name.clone(),
+                Kind::Removed,
+                vec![format!(
                     "stops accepting on {}; its open connections finish on their own",
-                    text_of(o, "listen")
+                    text(&o["listen"])
                 )],
-                connections: Vec::new(),
-            });
+            ));
         }
     }
 
     let (old_clusters, new_clusters) = (named(old, "clusters"), named(new, "clusters"));
     for (name, n) in &new_clusters {
         match find(&old_clusters, name) {
-            None => changes.push(Change {
-                object: Object::Cluster,
-                name: name.clone(),
-                change: Kind::Added,
-                details: vec![format!("endpoints {}", endpoints(n).join(", "))],
-                connections: Vec::new(),
-            }),
-            Some(o) => {
-                if let Some(c) = cluster_change(name, o, n) {
-                    changes.push(c);
-                }
-            }
+            None => changes.push(Change::new(
+                Object::Cluster,
+                name.clone(),
+                Kind::Added,
+                vec![format!("endpoints {}", endpoints(n).join(", "))],
+            )),
+            Some(o) => changes.extend(cluster_change(name, o, n)),
         }
     }
     for (name, _) in &old_clusters {
         if find(&new_clusters, name).is_none() {
-            changes.push(Change {
-                object: Object::Cluster,
-                name: name.clone(),
-                change: Kind::Removed,
-                details: vec![
+            changes.push(Change::new(
+                Object::Cluster,
+                name.clone(),
+                Kind::Removed,
+                vec![
                     "stops resolving and health-checking at once; connections still on it are \
                      covered by their listener's entry"
                         .to_string(),
                 ],
-                connections: Vec::new(),
-            });
+            ));
         }
     }
     changes
@@ -368,13 +374,13 @@ fn listener_changes(name: &str, o: &Value, n: &Value, old_table: &Value) -> Vec<
     let mut changes = Vec::new();
     let mut details = Vec::new();
     let mut connections = Vec::new();
-    let (op, np) = (text_of(o, "protocol"), text_of(n, "protocol"));
+    let (op, np) = (text(&o["protocol"]), text(&n["protocol"]));
     if o["listen"] != n["listen"] {
         details.push(format!(
             "moves: {} -> {} (the new address is bound, the old one stops accepting; open \
              connections stay)",
-            text_of(o, "listen"),
-            text_of(n, "listen")
+            text(&o["listen"]),
+            text(&n["listen"])
         ));
     }
     if op != np {
@@ -390,36 +396,33 @@ fn listener_changes(name: &str, o: &Value, n: &Value, old_table: &Value) -> Vec<
         ],
     ));
 
-    if op != "http" {
-        let (old_targets, new_targets) = (
-            targets(o),
-            if np == "http" { Vec::new() } else { targets(n) },
-        );
-        if old_targets != new_targets && np != "http" {
-            details.push(format!(
-                "target: {} -> {} (new connections)",
-                target_text(o),
-                target_text(n)
-            ));
-        }
-        for (cluster, _) in &old_targets {
-            if new_targets.iter().any(|(c, _)| c == cluster) {
-                continue;
+    // TCP-kind listeners (tcp, postgres, kafka) pin each connection to its
+    // route; an HTTP listener routes request by request.
+    let (old_tcp, new_tcp) = (op != "http", np != "http");
+    if new_tcp && (!old_tcp || targets(o) != targets(n)) {
+        details.push(format!(
+            "target: {} -> {} (new connections)",
+            if old_tcp {
+                target_text(o)
+            } else {
+                "HTTP routes".to_string()
+            },
+            target_text(n)
+        ));
+    }
+    if old_tcp {
+        let staying = if new_tcp { targets(n) } else { Vec::new() };
+        for (cluster, _) in targets(o) {
+            if !staying.iter().any(|(c, _)| *c == cluster) {
+                connections.push(leaving(&op, &cluster, old_table));
             }
-            connections.push(leaving(&op, cluster, old_table));
         }
-    } else if np != "http" {
-        details.push(format!("target: {}", target_text(n)));
     }
 
     if !details.is_empty() || !connections.is_empty() {
-        changes.push(Change {
-            object: Object::Listener,
-            name: name.to_string(),
-            change: Kind::Changed,
-            details,
-            connections,
-        });
+        let mut change = Change::new(Object::Listener, name, Kind::Changed, details);
+        change.connections = connections;
+        changes.push(change);
     }
     if op == "http" && np == "http" {
         changes.extend(route_changes(name, o, n));
@@ -430,11 +433,7 @@ fn listener_changes(name: &str, o: &Value, n: &Value, old_table: &Value) -> Vec<
 /// The fate of a TCP-kind listener's connections on `cluster`, which the
 /// reload no longer sends that listener to (as `table::carry_over` decides it).
 fn leaving(protocol: &str, cluster: &str, old_table: &Value) -> Connections {
-    let old_cluster = named(old_table, "clusters")
-        .into_iter()
-        .find(|(n, _)| n == cluster)
-        .map(|(_, c)| c.clone())
-        .unwrap_or(Value::Null);
+    let old_cluster = find(&named(old_table, "clusters"), cluster).unwrap_or(&Value::Null);
     let grace = old_cluster["drain_on_change"].as_str().map(str::to_string);
     let fenced = old_cluster["cutover"] == "fenced";
     let fate = match (protocol, &grace) {
@@ -450,7 +449,7 @@ fn leaving(protocol: &str, cluster: &str, old_table: &Value) -> Connections {
         endpoint: None,
         fate,
         grace,
-        open_now: open_now(&old_cluster, None),
+        open_now: open_now(old_cluster, None),
     }
 }
 
@@ -473,58 +472,56 @@ fn route_changes(listener: &str, o: &Value, n: &Value) -> Vec<Change> {
     let mut changes = Vec::new();
     let full = |route: &str| format!("{listener}/{route}");
     for (i, (name, r)) in new_routes.iter().enumerate() {
-        match find(&old_routes, name) {
-            None => changes.push(Change {
-                object: Object::Route,
-                name: full(name),
-                change: Kind::Added,
-                details: vec![format!(
-                    "position {}, match {}, sends to {}",
-                    i + 1,
-                    r["match"],
-                    target_text(r)
-                )],
-                connections: Vec::new(),
-            }),
-            Some(old) => {
-                let mut details = Vec::new();
-                if targets(old) != targets(r) {
-                    details.push(format!(
-                        "target: {} -> {} (from the next request; HTTP has nothing to drain)",
-                        target_text(old),
-                        target_text(r)
-                    ));
-                }
-                let old_pos = old_routes.iter().position(|(n, _)| n == name);
-                if old_pos != Some(i) {
-                    details.push(format!(
-                        "position: {} -> {} (first match wins)",
-                        old_pos.map_or(0, |p| p + 1),
-                        i + 1
-                    ));
-                }
-                details.extend(field_changes(old, r, &["name", "cluster", "split"]));
-                if !details.is_empty() {
-                    changes.push(Change {
-                        object: Object::Route,
-                        name: full(name),
-                        change: Kind::Changed,
-                        details,
-                        connections: Vec::new(),
-                    });
-                }
-            }
+        let Some(old) = find(&old_routes, name) else {
+            let added = format!(
+                "position {}, match {}, sends to {}",
+                i + 1,
+                r["match"],
+                target_text(r)
+            );
+            changes.push(Change::new(
+                Object::Route,
+                full(name),
+                Kind::Added,
+                vec![added],
+            ));
+            continue;
+        };
+        let mut details = Vec::new();
+        if targets(old) != targets(r) {
+            details.push(format!(
+                "target: {} -> {} (from the next request; HTTP has nothing to drain)",
+                target_text(old),
+                target_text(r)
+            ));
+        }
+        let old_pos = old_routes.iter().position(|(n, _)| n == name);
+        if old_pos != Some(i) {
+            details.push(format!(
+                "position: {} -> {} (first match wins)",
+                old_pos.map_or(0, |p| p + 1),
+                i + 1
+            ));
+        }
+        details.extend(field_changes(old, r, &["name", "cluster", "split"]));
+        if !details.is_empty() {
+            changes.push(Change::new(
+                Object::Route,
+                full(name),
+                Kind::Changed,
+                details,
+            ));
         }
     }
     for (name, _) in &old_routes {
         if find(&new_routes, name).is_none() {
-            changes.push(Change {
-                object: Object::Route,
-                name: full(name),
-                change: Kind::Removed,
-                details: vec!["its requests fall through to the next matching route".to_string()],
-                connections: Vec::new(),
-            });
+            let why = "its requests fall through to the next matching route".to_string();
+            changes.push(Change::new(
+                Object::Route,
+                full(name),
+                Kind::Removed,
+                vec![why],
+            ));
         }
     }
     changes
@@ -534,20 +531,21 @@ fn cluster_change(name: &str, o: &Value, n: &Value) -> Option<Change> {
     let mut details = Vec::new();
     let mut connections = Vec::new();
     let (old_eps, new_eps) = (endpoints(o), endpoints(n));
-    let added: Vec<&String> = new_eps.iter().filter(|e| !old_eps.contains(e)).collect();
+    let added: Vec<&str> = new_eps
+        .iter()
+        .filter(|e| !old_eps.contains(e))
+        .map(String::as_str)
+        .collect();
     if !added.is_empty() {
         details.push(format!(
             "endpoints added: {} (takes new connections; closes nothing)",
-            join(&added)
+            added.join(", ")
         ));
     }
     let grace = o["drain_on_change"].as_str().map(str::to_string);
     for gone in old_eps.iter().filter(|e| !new_eps.contains(e)) {
         details.push(format!("endpoint removed: {gone}"));
-        let address = o["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let address = items(&o["endpoints"])
             .find(|e| e["endpoint"] == gone.as_str())
             .and_then(|e| e["address"].as_str());
         connections.push(Connections {
@@ -563,34 +561,23 @@ fn cluster_change(name: &str, o: &Value, n: &Value) -> Option<Change> {
         });
     }
     if o["tls"] != n["tls"] {
-        let what = match (o["tls"].is_null(), n["tls"].is_null()) {
+        let settings = field_changes(&o["tls"], &n["tls"], &["fingerprint"]);
+        details.push(match (o["tls"].is_null(), n["tls"].is_null()) {
             (true, _) => "tls: added (new connections originate TLS)".to_string(),
             (_, true) => "tls: removed (new connections are plaintext)".to_string(),
-            _ if o["tls"]["fingerprint"] != n["tls"]["fingerprint"]
-                && field_changes(&o["tls"], &n["tls"], &["fingerprint"]).is_empty() =>
-            {
-                "tls: a CA, certificate or key file (its content or path) or another TLS \
-                 setting changed (new connections use it; open ones keep their session)"
-                    .to_string()
-            }
-            _ => format!(
-                "tls: {} (new connections)",
-                field_changes(&o["tls"], &n["tls"], &["fingerprint"]).join("; ")
-            ),
-        };
-        details.push(what);
+            // Only the fingerprint: files or settings /config does not name.
+            _ if settings.is_empty() => "tls: a CA, certificate or key file (its content or \
+                 path) or another TLS setting changed (new connections use it; open ones keep \
+                 their session)"
+                .to_string(),
+            _ => format!("tls: {} (new connections)", settings.join("; ")),
+        });
     }
-    details.extend(field_changes(
-        o,
-        n,
-        &["name", "endpoints", "resolved", "tls"],
-    ));
-    (!details.is_empty()).then(|| Change {
-        object: Object::Cluster,
-        name: name.to_string(),
-        change: Kind::Changed,
-        details,
-        connections,
+    details.extend(field_changes(o, n, &["name", "endpoints", "tls"]));
+    (!details.is_empty()).then(|| {
+        let mut change = Change::new(Object::Cluster, name, Kind::Changed, details);
+        change.connections = connections;
+        change
     })
 }
 
@@ -604,53 +591,24 @@ fn field_changes(o: &Value, n: &Value, skip: &[&str]) -> Vec<String> {
     let mut keys: Vec<&String> = om.keys().chain(nm.keys()).collect();
     keys.sort();
     keys.dedup();
+    let show = |v: Option<&Value>| match v.map(text) {
+        Some(t) if !t.is_empty() => t,
+        _ => "(none)".to_string(),
+    };
     keys.into_iter()
         .filter(|k| !skip.contains(&k.as_str()) && !STATE.contains(&k.as_str()))
         .filter(|k| om.get(*k) != nm.get(*k))
-        .map(|k| {
-            let show = |v: Option<&Value>| match v {
-                None | Some(Value::Null) => "(none)".to_string(),
-                Some(Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
-            };
-            format!("{k}: {} -> {}", show(om.get(k)), show(nm.get(k)))
-        })
+        .map(|k| format!("{k}: {} -> {}", show(om.get(k)), show(nm.get(k))))
         .collect()
 }
 
 /// The `(name, object)` pairs of an array of named objects, in order.
-fn named(v: &Value, key: &str) -> Vec<(String, Value)> {
-    v[key]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|x| (text_of(x, "name"), x.clone()))
-        .collect()
+fn named<'a>(v: &'a Value, key: &str) -> Vec<(String, &'a Value)> {
+    items(&v[key]).map(|x| (text(&x["name"]), x)).collect()
 }
 
-fn find<'a>(list: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
-    list.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-}
-
-fn text_of(v: &Value, key: &str) -> String {
-    match &v[key] {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-/// The clusters a listener or route sends to, with their weights (100 for one cluster).
-fn targets(v: &Value) -> Vec<(String, u64)> {
-    if let Some(c) = v["cluster"].as_str() {
-        return vec![(c.to_string(), 100)];
-    }
-    v["split"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| (text_of(s, "cluster"), s["weight"].as_u64().unwrap_or(0)))
-        .collect()
+fn find<'a>(list: &[(String, &'a Value)], name: &str) -> Option<&'a Value> {
+    list.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
 }
 
 fn target_text(v: &Value) -> String {
@@ -665,18 +623,7 @@ fn target_text(v: &Value) -> String {
 }
 
 fn endpoints(cluster: &Value) -> Vec<String> {
-    cluster["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| text_of(e, "endpoint"))
+    items(&cluster["endpoints"])
+        .map(|e| text(&e["endpoint"]))
         .collect()
-}
-
-fn join(items: &[&String]) -> String {
-    items
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

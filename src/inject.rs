@@ -143,9 +143,10 @@ impl Sidecar {
             };
             let mut changed = false;
             for pod in pod_templates(&mut value) {
-                let (kind, name) = (pod.kind.clone(), pod.name.clone());
-                let at = |what: &str| whose(&format!("{kind} {name}: {what}"));
-                changed |= self.inject_pod(pod, &at, warn).map_err(InjectError)?;
+                let at = |what: &str| whose(&format!("{} {}: {what}", pod.kind, pod.name));
+                changed |= self
+                    .inject_pod(pod.metadata, pod.spec, &at, warn)
+                    .map_err(InjectError)?;
             }
             if !changed {
                 out.push_str(doc.text);
@@ -168,11 +169,11 @@ impl Sidecar {
     /// template; false when everything was already there.
     fn inject_pod(
         &self,
-        pod: PodTemplate<'_>,
+        metadata: &mut Map<String, Value>,
+        spec: &mut Map<String, Value>,
         at: &dyn Fn(&str) -> String,
         warn: &mut dyn FnMut(String),
     ) -> Result<bool, String> {
-        let PodTemplate { metadata, spec, .. } = pod;
         let mut changed = false;
         let (home, away) = if self.classic {
             ("containers", "initContainers")
@@ -295,6 +296,23 @@ impl Sidecar {
     }
 }
 
+/// Where a kind keeps its Pod template (metadata and spec), as a JSON
+/// pointer; `None` for kinds without one (a `List` holds objects instead).
+pub fn template_pointer(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => Some("/spec/template"),
+        "PodTemplate" => Some("/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
 /// One Pod template inside a document, and what it is called in messages.
 struct PodTemplate<'a> {
     kind: String,
@@ -311,27 +329,16 @@ fn pod_templates(object: &mut Value) -> Vec<PodTemplate<'_>> {
         .as_str()
         .unwrap_or("(unnamed)")
         .to_string();
-    let template: Option<&mut Value> = match kind.as_str() {
-        "List" => {
-            return object
-                .get_mut("items")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-                .flat_map(pod_templates)
-                .collect();
-        }
-        "Pod" => Some(object),
-        "Deployment"
-        | "StatefulSet"
-        | "DaemonSet"
-        | "ReplicaSet"
-        | "ReplicationController"
-        | "Job" => object.get_mut("spec").and_then(|s| s.get_mut("template")),
-        "PodTemplate" => object.get_mut("template"),
-        "CronJob" => object.pointer_mut("/spec/jobTemplate/spec/template"),
-        _ => None,
-    };
+    if kind == "List" {
+        return object
+            .get_mut("items")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .flat_map(pod_templates)
+            .collect();
+    }
+    let template = template_pointer(&kind).and_then(|at| object.pointer_mut(at));
     let Some(Value::Object(template)) = template else {
         return Vec::new();
     };

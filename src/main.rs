@@ -82,7 +82,8 @@ enum Command {
     },
     /// Add legate as a sidecar to every Pod template in Kubernetes YAML
     /// (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, List);
-    /// writes the result to stdout. Injecting twice changes nothing.
+    /// writes the result to stdout. Injecting twice changes nothing. Options
+    /// left unset keep the values of deploy/kubernetes/base/deployment.yaml.
     Inject(InjectArgs),
 }
 
@@ -91,25 +92,26 @@ struct InjectArgs {
     /// Manifest files (multi-document YAML); `-` or none: stdin.
     #[arg(short = 'f', long = "filename")]
     files: Vec<PathBuf>,
+    // Unset, each keeps deploy/kubernetes/base's value: read from it, not repeated here.
     /// The ConfigMap holding the route table, mounted at /etc/legate.
-    #[arg(long, default_value = "legate-routes")]
-    configmap: String,
-    /// legate's image (default: the one in deploy/kubernetes/base).
+    #[arg(long)]
+    configmap: Option<String>,
+    /// legate's image.
     #[arg(long)]
     image: Option<String>,
     /// The admin port (probes, metrics, scrape annotations).
-    #[arg(long, default_value_t = 9901)]
-    admin_port: u16,
-    /// resources.requests.cpu (default 50m).
+    #[arg(long)]
+    admin_port: Option<u16>,
+    /// resources.requests.cpu.
     #[arg(long)]
     cpu_request: Option<String>,
-    /// resources.requests.memory (default 16Mi).
+    /// resources.requests.memory.
     #[arg(long)]
     memory_request: Option<String>,
-    /// resources.limits.cpu (default: none).
+    /// resources.limits.cpu.
     #[arg(long)]
     cpu_limit: Option<String>,
-    /// resources.limits.memory (default 64Mi).
+    /// resources.limits.memory.
     #[arg(long)]
     memory_limit: Option<String>,
     /// A regular container, for Kubernetes < 1.29 (no native sidecars; see the caveat it prints).
@@ -126,9 +128,9 @@ struct InjectArgs {
 fn inject(args: &InjectArgs) -> ExitCode {
     use std::io::{Read, Write};
     let opts = legate::inject::Options {
-        configmap: Some(args.configmap.clone()),
+        configmap: args.configmap.clone(),
         image: args.image.clone(),
-        admin_port: Some(args.admin_port),
+        admin_port: args.admin_port,
         cpu_request: args.cpu_request.clone(),
         memory_request: args.memory_request.clone(),
         cpu_limit: args.cpu_limit.clone(),

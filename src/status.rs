@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use prometheus::proto::MetricFamily;
 use serde_json::Value;
 
+use crate::table::described::{items, targets, text};
+
 /// Snapshots older than this are dropped: the page's window is a minute.
 const KEEP: Duration = Duration::from_secs(75);
 /// Bound on snapshots kept, however often the page is loaded.
@@ -196,11 +198,11 @@ impl Page<'_> {
             "<h2>Listeners</h2>\n<table id=\"listeners\">\n<tr><th>listener</th><th>address</th>\
              <th>protocol</th><th>sends to</th><th>active</th><th>total</th><th>rate</th></tr>\n",
         );
-        for l in list(&self.config["listeners"]) {
+        for l in items(&self.config["listeners"]) {
             let name = text(&l["name"]);
             let protocol = text(&l["protocol"]);
             let target = if protocol == "http" && l.get("routes").is_some() {
-                let routes = list(&l["routes"]).count();
+                let routes = items(&l["routes"]).count();
                 format!("{routes} route{}", if routes == 1 { "" } else { "s" })
             } else {
                 target(l)
@@ -246,7 +248,7 @@ impl Page<'_> {
     }
 
     fn routes(&self, out: &mut String, now: &Counters, minute: Option<&(Duration, Counters)>) {
-        let http: Vec<&Value> = list(&self.config["listeners"])
+        let http: Vec<&Value> = items(&self.config["listeners"])
             .filter(|l| l["protocol"] == "http")
             .collect();
         if http.is_empty() {
@@ -274,7 +276,7 @@ impl Page<'_> {
                 esc(&listener),
                 esc(&listener)
             );
-            let mut names: Vec<String> = list(&l["routes"]).map(|r| text(&r["name"])).collect();
+            let mut names: Vec<String> = items(&l["routes"]).map(|r| text(&r["name"])).collect();
             names.push("none".to_string());
             for (i, route) in names.iter().enumerate() {
                 let key = (listener.clone(), route.clone());
@@ -283,7 +285,7 @@ impl Page<'_> {
                     .and_then(|(_, c)| c.routes.get(&key).copied())
                     .unwrap_or_default();
                 let delta: Vec<f64> = (0..5).map(|k| (counts[k] - before[k]).max(0.0)).collect();
-                let (matches, target, timeout) = match list(&l["routes"]).nth(i) {
+                let (matches, target, timeout) = match items(&l["routes"]).nth(i) {
                     Some(r) => (match_text(&r["match"]), target(r), text(&r["timeout"])),
                     // Requests no route matched: answered 404 by legate.
                     None if delta.iter().any(|d| *d > 0.0) => (
@@ -319,7 +321,7 @@ impl Page<'_> {
     /// Postgres and Kafka listeners' own counters.
     fn protocols(&self, out: &mut String, m: &Metrics<'_>) {
         let mut rows = String::new();
-        for l in list(&self.config["listeners"]) {
+        for l in items(&self.config["listeners"]) {
             let name = text(&l["name"]);
             let (families, label): (&[(&str, &str)], &str) = match l["protocol"].as_str() {
                 Some("postgres") => (
@@ -374,14 +376,14 @@ impl Page<'_> {
 
     fn clusters(&self, out: &mut String, m: &Metrics<'_>) {
         out.push_str("<h2>Clusters</h2>\n");
-        for c in list(&self.config["clusters"]) {
+        for c in items(&self.config["clusters"]) {
             let name = text(&c["name"]);
             let _ = writeln!(out, "<h3 id=\"cluster-{0}\">{0}</h3>", esc(&name));
             let mut facts = vec![
                 format!("lb {}", text(&c["lb"])),
                 format!("connect timeout {}", text(&c["connect_timeout"])),
             ];
-            let failover: Vec<String> = list(&c["failover"]).map(text).collect();
+            let failover: Vec<String> = items(&c["failover"]).map(text).collect();
             if !failover.is_empty() {
                 facts.push(format!("fails over to {}", failover.join(" \u{2192} ")));
             }
@@ -451,7 +453,7 @@ impl Page<'_> {
                  <th>state</th><th>active</th><th>last error</th></tr>",
                 esc(&name)
             );
-            let resolved: Vec<&Value> = list(&c["resolved"]).collect();
+            let resolved: Vec<&Value> = items(&c["resolved"]).collect();
             if resolved.is_empty() {
                 out.push_str("<tr><td colspan=\"4\">no address yet (waiting for DNS)</td></tr>\n");
             }
@@ -489,14 +491,14 @@ impl Page<'_> {
             }
             out.push_str("</table>\n");
 
-            let dns: Vec<&Value> = list(&c["dns"]).collect();
+            let dns: Vec<&Value> = items(&c["dns"]).collect();
             if !dns.is_empty() {
                 out.push_str(
                     "<table class=\"dns\">\n<tr><th>DNS name</th><th>addresses</th><th>TTL</th>\
                      <th>resolved at</th><th>last error</th></tr>\n",
                 );
                 for d in dns {
-                    let addresses: Vec<String> = list(&d["addresses"]).map(text).collect();
+                    let addresses: Vec<String> = items(&d["addresses"]).map(text).collect();
                     let _ = writeln!(
                         out,
                         "<tr><td>{}:{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
@@ -612,25 +614,14 @@ fn label(labels: &[(&str, &str)], key: &str) -> String {
         .map_or(String::new(), |(_, v)| v.to_string())
 }
 
-fn list(v: &Value) -> impl Iterator<Item = &Value> {
-    v.as_array().into_iter().flatten()
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
 /// Where a listener or route sends: a cluster, or a split with weights.
 fn target(v: &Value) -> String {
     if let Some(c) = v["cluster"].as_str() {
         return c.to_string();
     }
-    let parts: Vec<String> = list(&v["split"])
-        .map(|s| format!("{} {}", text(&s["cluster"]), text(&s["weight"])))
+    let parts: Vec<String> = targets(v)
+        .into_iter()
+        .map(|(cluster, weight)| format!("{cluster} {weight}"))
         .collect();
     if parts.is_empty() {
         String::new()

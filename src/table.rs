@@ -126,6 +126,7 @@ pub struct Retired {
     pub leaving: CancellationToken,
 }
 
+pub mod described;
 pub mod http;
 
 // === impl RoutingTable ===
@@ -534,13 +535,15 @@ fn describe_endpoint(e: &Arc<crate::upstream::Endpoint>) -> serde_json::Value {
         v["ejected_for"] = json!(humantime::format_duration(left).to_string());
         v["ejected_until"] = json!(rfc3339(std::time::SystemTime::now() + left));
     }
-    if let Some((message, at)) = e.last_error() {
-        v["last_error"] = json!({ "message": message, "at": rfc3339(at) });
+    if let Some(error) = e.last_error() {
+        let (message, at) = &*error;
+        v["last_error"] = json!({ "message": message, "at": rfc3339(*at) });
     }
     v
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
+/// A wall-clock time as `/config` writes it, to the second.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

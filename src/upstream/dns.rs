@@ -117,9 +117,9 @@ pub struct Answer {
 
 /// Keeps `cluster`'s resolved endpoints fresh until the cluster is dropped.
 pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
-    // The last good answer per name; kept when a refresh fails.
-    let mut answers: Vec<Option<Vec<SocketAddr>>> = vec![None; names.len()];
-    let mut shown: Vec<Answer> = names
+    // The last answer per name: its good addresses are kept when a refresh
+    // fails, and it is what `/config` shows.
+    let mut answers: Vec<Answer> = names
         .iter()
         .map(|(name, port)| Answer {
             name: name.clone(),
@@ -139,42 +139,38 @@ pub async fn run(cluster: Weak<Cluster>, dns: Dns, names: Vec<(String, u16)>) {
         let Some(c) = cluster.upgrade() else { return };
         let mut next = dns.max_ttl;
         let mut failed = false;
-        for (((host, port), answer), show) in
-            names.iter().zip(answers.iter_mut()).zip(shown.iter_mut())
-        {
-            match dns.resolve(host, *port).await {
+        for answer in answers.iter_mut() {
+            match dns.resolve(&answer.name, answer.port).await {
                 Ok((addrs, ttl)) => {
                     metrics::get()
                         .dns_resolutions_total
                         .with_label_values(&[&c.name, "ok"])
                         .inc();
                     next = next.min(ttl);
-                    show.addrs.clone_from(&addrs);
-                    show.ttl = Some(ttl);
-                    show.at = Some(std::time::SystemTime::now());
-                    show.error = None;
-                    *answer = Some(addrs);
+                    answer.addrs = addrs;
+                    answer.ttl = Some(ttl);
+                    answer.at = Some(std::time::SystemTime::now());
+                    answer.error = None;
                 }
                 Err(e) => {
-                    show.error = Some(e.clone());
                     metrics::get()
                         .dns_resolutions_total
                         .with_label_values(&[&c.name, "error"])
                         .inc();
                     failed = true;
-                    tracing::warn!(cluster = %c.name, name = %host, error = %e,
-                        stale = answer.is_some(), "DNS resolution failed; keeping the last good addresses");
+                    tracing::warn!(cluster = %c.name, name = %answer.name, error = %e,
+                        stale = !answer.addrs.is_empty(), "DNS resolution failed; keeping the last good addresses");
+                    answer.error = Some(e);
                 }
             }
         }
         let resolved: Vec<(SocketAddr, std::sync::Arc<str>)> = answers
             .iter()
             .zip(&hosts)
-            .filter_map(|(a, h)| a.as_ref().map(|a| (a, h)))
-            .flat_map(|(addrs, h)| addrs.iter().map(move |a| (*a, h.clone())))
+            .flat_map(|(a, h)| a.addrs.iter().map(move |addr| (*addr, h.clone())))
             .collect();
         c.set_resolved(&resolved);
-        c.set_dns_answers(shown.clone());
+        c.set_dns_answers(answers.clone());
         drop(c);
         if failed {
             let backoff = RETRY_BASE

@@ -155,18 +155,16 @@ pub fn jittered(interval: Duration) -> Duration {
 /// live postmaster does, and needs no credentials. A failure says why.
 async fn probe(addr: SocketAddr, check: &HealthConfig) -> Result<(), String> {
     let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut stream = TcpStream::connect(addr).await?;
         if check.kind == crate::config::HealthKind::Postgres {
             stream
                 .write_all(&crate::postgres::wire::SSL_REQUEST_PACKET)
-                .await
-                .map_err(|e| e.to_string())?;
-            let answer = stream.read_u8().await.map_err(|e| e.to_string())?;
-            return match answer {
+                .await?;
+            return match stream.read_u8().await? {
                 b'S' | b'N' => Ok(()),
-                other => Err(format!(
+                other => Err(std::io::Error::other(format!(
                     "SSLRequest answered {other:#04x}, not a PostgreSQL server"
-                )),
+                ))),
             };
         }
         let Some(path) = &check.http_path else {
@@ -175,27 +173,21 @@ async fn probe(addr: SocketAddr, check: &HealthConfig) -> Result<(), String> {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: legate-health\r\nConnection: close\r\n\r\n"
         );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.write_all(request.as_bytes()).await?;
         // The status line is all we need: "HTTP/1.1 200 ...".
         let mut head = [0u8; 12];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.read_exact(&mut head).await?;
         if head.starts_with(b"HTTP/1.") && head[8] == b' ' && head[9] == b'2' {
             Ok(())
         } else {
-            Err(format!(
+            Err(std::io::Error::other(format!(
                 "GET {path} answered {}",
                 String::from_utf8_lossy(&head[..]).trim_end()
-            ))
+            )))
         }
     };
     match tokio::time::timeout(check.timeout.0, attempt).await {
-        Ok(result) => result,
+        Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "no answer within {}",
             humantime::format_duration(check.timeout.0)

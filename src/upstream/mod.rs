@@ -10,11 +10,11 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -59,7 +59,7 @@ pub struct Cluster {
     stop: CancellationToken,
     metrics: ClusterMetrics,
     /// The last answer for each DNS name, for `/config` and the status page.
-    dns: Mutex<Vec<dns::Answer>>,
+    dns: ArcSwap<Vec<dns::Answer>>,
 }
 
 /// Everything in the config that defines a cluster's behaviour. Two clusters
@@ -105,7 +105,7 @@ pub struct Endpoint {
     pub leaving: CancellationToken,
     /// The last failed connect or probe and when, for `/config` and the
     /// status page. Written only on failures.
-    last_error: Mutex<Option<(String, SystemTime)>>,
+    last_error: ArcSwapOption<(String, SystemTime)>,
 }
 
 /// Decrements an endpoint's active count when the connection ends.
@@ -164,20 +164,18 @@ impl Cluster {
             grpc_over_http1: AtomicBool::new(false),
             stop: CancellationToken::new(),
             metrics,
-            dns: Mutex::new(Vec::new()),
+            dns: ArcSwap::default(),
         }
     }
 
     /// The last DNS answer of each name this cluster resolves (empty before
     /// the first round, and for clusters of addresses).
-    pub fn dns_answers(&self) -> Vec<dns::Answer> {
-        self.dns.lock().map(|a| a.clone()).unwrap_or_default()
+    pub fn dns_answers(&self) -> Arc<Vec<dns::Answer>> {
+        self.dns.load_full()
     }
 
     pub(crate) fn set_dns_answers(&self, answers: Vec<dns::Answer>) {
-        if let Ok(mut a) = self.dns.lock() {
-            *a = answers;
-        }
+        self.dns.store(Arc::new(answers));
     }
 
     pub fn spec(&self) -> &ClusterSpec {
@@ -539,19 +537,18 @@ impl Endpoint {
             pool: pool::Pool::default(),
             retired: CancellationToken::new(),
             leaving: CancellationToken::new(),
-            last_error: Mutex::new(None),
+            last_error: ArcSwapOption::empty(),
         }
     }
 
     /// The last failed connect or health probe, and when it happened.
-    pub fn last_error(&self) -> Option<(String, SystemTime)> {
-        self.last_error.lock().ok().and_then(|e| e.clone())
+    pub fn last_error(&self) -> Option<Arc<(String, SystemTime)>> {
+        self.last_error.load_full()
     }
 
     fn record_error(&self, error: String) {
-        if let Ok(mut e) = self.last_error.lock() {
-            *e = Some((error, SystemTime::now()));
-        }
+        self.last_error
+            .store(Some(Arc::new((error, SystemTime::now()))));
     }
 
     /// Up by active checks, and how much longer a passive ejection lasts.
