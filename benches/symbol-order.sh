@@ -2,17 +2,19 @@
 # Regenerates deploy/symbol-order.txt: the functions legate runs at start-up and
 # on its request paths, which build.rs asks the linker (lld) to place first and
 # together. The kernel maps code in 64 KiB windows around each page that runs,
-# so code that runs scattered through the 8.6 MB .text keeps most of it
-# resident; packed together it is ~2 MB. Measured: idle RSS 8.1 -> 6.5 MB at
-# start, 9.2 -> 7.1 MB after benches/proxy_bench.sh's load, peak 12.9 -> 11.1 MB.
+# so code that runs scattered through the 8.4 MB .text keeps most of it
+# resident; packed together it is ~2 MB, and grouped by phase an idle legate
+# maps only its start-up group (1.4 MB). Measured: idle RSS 8.1 -> 5.5 MB at
+# start; in benches/proxy_bench.sh peak 12.9 -> 10.0 MB, idle after it 5.7 MB.
 #
 #   cargo build --release && bash benches/symbol-order.sh
 #
 # Runs the release binary under callgrind (valgrind) on loopback: TCP, HTTP/1.1
 # and h2c through legate to an nginx backend, the admin endpoints, a reload. The
-# names are mangled and stable across edits of a function's body; a stale list
-# only loses the effect for the functions renamed since (lld ignores names it
-# does not find). Regenerate after dependency upgrades. Needs valgrind, nginx,
+# names are mangled and stable across edits of a function's body (with fat LTO:
+# thin LTO adds a per-build suffix to some); a stale list only loses the effect
+# for the functions renamed since (lld ignores names it does not find).
+# Regenerate after dependency or compiler upgrades. Needs valgrind, nginx,
 # curl (with HTTP/2), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +29,12 @@ source benches/backend.sh
 start_backend $BACK
 
 mkdir -p $W/config
+# Written like a real table (comments, ${VAR:-default}), so start-up runs the
+# same YAML code as with routes/ and deploy/.
 cat > $W/config/legate.yaml <<YAML
+# Bench table for the layout run.
 listeners:
-  - { name: tcp, listen: "$H:$TCP", cluster: backend }
+  - { name: tcp, listen: "\${BENCH_TCP:-$H:$TCP}", cluster: backend }   # raw TCP
   - name: http
     listen: "$H:$HTTP"
     protocol: http
@@ -37,20 +42,28 @@ listeners:
       - { name: api, match: { path_prefix: /api/ }, cluster: backend, timeout: 5s }
       - { name: rest, cluster: backend }
 clusters:
-  - { name: backend, endpoints: [ "$BACK" ], health: { interval: 1s, http_path: / } }
+  - { name: backend, endpoints: [ "$BACK" ], connect_timeout: 1s, health: { interval: 1s, http_path: / } }
 YAML
-valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/callgrind.out \
-  "$LEGATE" --config $W/config --admin $H:$ADMIN --threads 2 --log warn > $W/legate.log 2>&1 &
+# No --threads: start-up sizes the runtime from the CPUs, as in a Pod.
+valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/cg.out \
+  "$LEGATE" --config $W/config --admin $H:$ADMIN --log warn > $W/legate.log 2>&1 &
 echo $! > $W/legate.pid
 for _ in $(seq 300); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
-
+sleep 2  # health probes and the timers an idle legate runs
+# Each phase is dumped on its own (callgrind zeroes after a dump), so the list
+# is grouped: start-up and idle, then HTTP/1.1 and TCP requests, then h2c, then
+# the admin endpoints and a reload. An idle legate touches only the first group.
+callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
 for _ in $(seq 30); do
   curl -s -o /dev/null http://$H:$HTTP/api/x
   curl -s -o /dev/null http://$H:$HTTP/
-  curl -s -o /dev/null --http2-prior-knowledge http://$H:$HTTP/api/y
+  curl -s -o /dev/null -H 'Connection: close' http://$H:$HTTP/
   curl -s -o /dev/null http://$H:$TCP/
 done
+callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
+for _ in $(seq 10); do curl -s -o /dev/null --http2-prior-knowledge http://$H:$HTTP/api/y; done
+callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
 for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMIN$path; done
 sed -i 's/timeout: 5s/timeout: 6s/' $W/config/legate.yaml
 curl -s -o /dev/null -X POST http://$H:$ADMIN/reload
@@ -58,39 +71,44 @@ curl -s -o /dev/null http://$H:$HTTP/api/z
 kill -TERM "$(cat $W/legate.pid)"
 for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.2; done
 
-# The functions of legate's own object, in the order callgrind first names them.
-python3 - $W/callgrind.out "$(basename "$LEGATE")" > deploy/symbol-order.txt <<'PY'
+# The functions of legate's own object, phase by phase (cg.out.1, .2, .3, then
+# the dump at exit), each phase in the order callgrind first names them.
+python3 - "$(basename "$LEGATE")" $W/cg.out.1 $W/cg.out.2 $W/cg.out.3 $W/cg.out > deploy/symbol-order.txt <<'PY'
 import re, sys
 pat = re.compile(r'^(ob|cob|fn|cfn)=\((\d+)\)(?: (.*))?$')
-objects, names, owner, order = {}, {}, {}, []
-ob = cob = None
-for line in open(sys.argv[1], errors='replace'):
-    m = pat.match(line.rstrip('\n'))
-    if not m:
-        continue
-    kind, i, name = m.groups()
-    if kind in ('ob', 'cob'):
-        if name:
-            objects[i] = name
-        if kind == 'ob':
-            ob, cob = i, None
-        else:
-            cob = i
-        continue
-    if name:
-        names[i] = name
-    if i not in owner:
-        owner[i] = ob if kind == 'fn' else (cob or ob)
-        order.append(i)
-    if kind == 'cfn':
-        cob = None
-ours = {i for i, path in objects.items() if path.endswith('/' + sys.argv[2])}
 seen = set()
-for i in order:
-    name = names.get(i, '')
-    # Skip valgrind's pseudo-entries ('(below main)') and unnamed code ('0x...').
-    if owner[i] in ours and name and ' ' not in name and not name.startswith('0x') and name not in seen:
-        seen.add(name)
-        print(name)
+for path in sys.argv[2:]:
+    objects, names, owner, order = {}, {}, {}, []
+    ob = cob = None
+    for line in open(path, errors='replace'):
+        m = pat.match(line.rstrip('\n'))
+        if not m:
+            continue
+        kind, i, name = m.groups()
+        if kind in ('ob', 'cob'):
+            if name:
+                objects[i] = name
+            if kind == 'ob':
+                ob, cob = i, None
+            else:
+                cob = i
+            continue
+        if name:
+            names[i] = name
+        if i not in owner:
+            owner[i] = ob if kind == 'fn' else (cob or ob)
+            order.append(i)
+        if kind == 'cfn':
+            cob = None
+    ours = {i for i, p in objects.items() if p.endswith('/' + sys.argv[1])}
+    before = len(seen)
+    for i in order:
+        # Callgrind marks a recursive call's frames name'2, name'3: one function.
+        name = re.sub(r"'\d+$", '', names.get(i, ''))
+        # Skip valgrind's pseudo-entries ('(below main)') and unnamed code ('0x...').
+        if owner[i] in ours and name and ' ' not in name and not name.startswith('0x') and name not in seen:
+            seen.add(name)
+            print(name)
+    print(f'{path.rsplit("/", 1)[-1]}: {len(seen) - before} more functions', file=sys.stderr)
 PY
 echo "deploy/symbol-order.txt: $(wc -l < deploy/symbol-order.txt) functions"
