@@ -4,7 +4,7 @@
 # The proxy under test is pinned alone to CPU 1 with one worker; wrk and the
 # backend share CPU 0. Runs alternate (legate, nginx, legate, nginx, ...).
 #   bash benches/http_quick.sh [RUNS] [SECONDS]
-# Needs: nginx, wrk (Debian), a release build (cargo build --release).
+# Needs: nginx, wrk (Debian), a release build (bash benches/pgo.sh build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}

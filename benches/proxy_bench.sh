@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # legate vs HAProxy vs nginx, same machine, same run.
 #
-#   cargo build --release && bash benches/proxy_bench.sh            # 5 runs x 10 s per line
+#   bash benches/pgo.sh build && bash benches/proxy_bench.sh        # 5 runs x 10 s per line
 #   bash benches/proxy_bench.sh --runs 3 --duration 5                 # quicker
 #   bash benches/proxy_bench.sh --smoke                               # 1 s, 1 run: proves it starts (CI)
 #
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 LEGATE=${LEGATE_BIN:-target/release/legate}
-[ -x "$LEGATE" ] || { echo "build first: cargo build --release (or set LEGATE_BIN)" >&2; exit 2; }
+[ -x "$LEGATE" ] || { echo "build first: bash benches/pgo.sh build (or set LEGATE_BIN)" >&2; exit 2; }
 for t in nginx haproxy wrk iperf3 curl taskset; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
 
 W=$(mktemp -d)

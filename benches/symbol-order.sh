@@ -7,7 +7,7 @@
 # maps only its start-up group (1.4 MB). Measured: idle RSS 8.1 -> 5.5 MB at
 # start; in benches/proxy_bench.sh peak 12.9 -> 10.0 MB, idle after it 5.7 MB.
 #
-#   cargo build --release && bash benches/symbol-order.sh
+#   bash benches/pgo.sh build && bash benches/symbol-order.sh && bash benches/pgo.sh build
 #
 # Runs the release binary under callgrind (valgrind) on loopback: TCP, HTTP/1.1
 # and h2c through legate to an nginx backend, the admin endpoints, a reload. The

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Profile-guided optimisation: regenerates deploy/legate.profdata, the branch
+# and call counts of legate's request paths, which release builds hand to
+# rustc (-Cprofile-use) so LLVM lays out and inlines for the paths that run.
+#
+#   bash benches/pgo.sh            # instrumented build, training run, merge
+#   bash benches/pgo.sh build      # cargo build --release with the profile
+#
+# The training run drives an instrumented legate (target/pgo-gen) on loopback
+# behind an nginx `return 200` backend: HTTP/1.1 keep-alive and a new
+# connection per request (wrk), a TCP listener (wrk through it), h2c (h2load)
+# and the admin endpoints. The profile matches one rustc (its LLVM) and one
+# Cargo.lock: the Dockerfile pins rust:1.95, and functions changed since the
+# profile was taken are just built without it (no error). Needs the
+# llvm-tools rustup component (llvm-profdata), nginx, wrk, h2load, curl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=deploy/legate.profdata
+# Warnings for functions edited since the profile was taken are expected.
+USE_FLAGS="-Cprofile-use=$PWD/$PROFILE -Cllvm-args=-no-pgo-warn-mismatch"
+
+if [ "${1:-}" = build ]; then
+  RUSTFLAGS="$USE_FLAGS" exec cargo build --release --locked --bin legate
+fi
+
+PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1)
+[ -x "$PROFDATA" ] || { echo "needs llvm-profdata: rustup component add llvm-tools" >&2; exit 2; }
+for t in nginx wrk h2load curl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
+
+W=$(mktemp -d); H=127.0.0.1
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
+source benches/backend.sh
+start_backend $BACK
+
+RUSTFLAGS="-Cprofile-generate=$PWD/target/pgo-gen/raw" cargo build --release --locked --bin legate --target-dir target/pgo-gen
+
+mkdir -p $W/config
+cat > $W/config/legate.yaml <<YAML
+listeners:
+  - { name: tcp, listen: "$H:$TCP", cluster: backend }
+  - name: http
+    listen: "$H:$HTTP"
+    protocol: http
+    routes:
+      - { name: api, match: { path_prefix: /api/ }, cluster: backend, timeout: 5s }
+      - { name: rest, cluster: backend }
+clusters:
+  - { name: backend, endpoints: [ "$BACK" ], health: { interval: 1s, http_path: / } }
+YAML
+LLVM_PROFILE_FILE="$W/raw/legate-%p-%m.profraw" target/pgo-gen/release/legate \
+  --config $W/config --admin $H:$ADMIN --log warn > $W/legate.log 2>&1 &
+echo $! > $W/legate.pid
+for _ in $(seq 100); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
+
+# Weighted like benches/proxy_bench.sh: mostly HTTP/1.1 requests.
+wrk -t1 -c50 -d10s http://$H:$HTTP/ > /dev/null
+wrk -t1 -c50 -d3s http://$H:$HTTP/api/x > /dev/null
+wrk -t1 -c20 -d5s -H 'Connection: close' http://$H:$HTTP/ > /dev/null
+wrk -t1 -c20 -d5s -H 'Connection: close' http://$H:$TCP/ > /dev/null
+h2load -c4 -m10 -D 3 http://$H:$HTTP/api/h2 > /dev/null
+for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMIN$path; done
+# The profile is written at exit.
+kill -TERM "$(cat $W/legate.pid)"
+for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.1; done
+
+"$PROFDATA" merge -o $PROFILE $W/raw/*.profraw
+echo "$PROFILE: $(du -h $PROFILE | cut -f1); build with: bash benches/pgo.sh build"
