@@ -124,20 +124,21 @@ for i in $(seq 100); do
 done
 [ $ok = 1 ] || { tail $W/*.log; echo "proxies did not start" >&2; exit 1; }
 
-cpu_ticks() { [ "$1" = direct ] && { echo 0; return; }; awk '{print $14+$15}' /proc/${PID[$1]}/stat; }
+# User and kernel clock ticks, "U S".
+cpu_ticks() { [ "$1" = direct ] && { echo 0 0; return; }; awk '{print $14, $15}' /proc/${PID[$1]}/stat; }
 rss_kb() { [ "$1" = direct ] && { echo 0; return; }; awk '/VmRSS/ {print $2}' /proc/${PID[$1]}/status; }
 HZ=$(getconf CLK_TCK)
-R=$W/results.tsv   # test proxy run value cpu_us_per_unit p99 rss_kb
+R=$W/results.tsv   # test proxy value cpu_us_per_unit p99 rss_kb user_us_per_unit
 : > $R
 
 wrk_run() { # test, proxy, url, extra wrk args...
   local test=$1 p=$2 url=$3; shift 3
-  local c0 out c1 peak=0
-  c0=$(cpu_ticks $p)
+  local u0 s0 u1 s1 out peak=0
+  read u0 s0 < <(cpu_ticks $p)
   ( while sleep 0.5; do rss_kb $p; done ) > $W/rss.$p & local sampler=$!
   out=$(taskset -c 0 wrk -t1 -c50 -d${DUR}s --latency "$@" "$url" 2>&1)
   kill $sampler 2>/dev/null; wait $sampler 2>/dev/null || true
-  c1=$(cpu_ticks $p)
+  read u1 s1 < <(cpu_ticks $p)
   peak=$(sort -n $W/rss.$p | tail -1); peak=${peak:-0}
   local rps p99 reqs errs
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -145,20 +146,21 @@ wrk_run() { # test, proxy, url, extra wrk args...
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   [ -n "$errs" ] && [ $SMOKE = 0 ] && echo "  note: $test/$p: $errs" >&2
-  echo -e "$test\t$p\t$rps\t$(awk -v c=$((c1-c0)) -v n=${reqs:-1} -v hz=$HZ 'BEGIN {printf "%.2f", c/hz*1e6/n}')\t$p99\t$peak" >> $R
+  per_req() { awk -v c=$1 -v n=${reqs:-1} -v hz=$HZ 'BEGIN {printf "%.2f", c/hz*1e6/n}'; }
+  echo -e "$test\t$p\t$rps\t$(per_req $((u1-u0+s1-s0)))\t$p99\t$peak\t$(per_req $((u1-u0)))" >> $R
 }
 
 bulk_run() { # proxy
-  local p=$1 c0 c1 out gbps bytes
-  c0=$(cpu_ticks $p)
+  local p=$1 u0 s0 u1 s1 out gbps bytes
+  read u0 s0 < <(cpu_ticks $p)
   out=$(taskset -c 0 iperf3 -c $H -p ${BULK[$p]} -t $DUR --bidir -J 2>/dev/null)
-  c1=$(cpu_ticks $p)
+  read u1 s1 < <(cpu_ticks $p)
   bytes=$(python3 -c 'import json,sys; d=json.load(sys.stdin)["end"]; print(d["sum_sent"]["bytes"]+d["sum_sent_bidir_reverse"]["bytes"])' <<<"$out")
   gbps=$(awk -v b=$bytes -v t=$DUR 'BEGIN {printf "%.2f", b*8/t/1e9}')
-  echo -e "bulk\t$p\t$gbps\t$(awk -v c=$((c1-c0)) -v b=$bytes -v hz=$HZ 'BEGIN {printf "%.0f", c/hz*1e3/(b/1e9)}')\t-\t$(rss_kb $p)" >> $R
+  echo -e "bulk\t$p\t$gbps\t$(awk -v c=$((u1-u0+s1-s0)) -v b=$bytes -v hz=$HZ 'BEGIN {printf "%.0f", c/hz*1e3/(b/1e9)}')\t-\t$(rss_kb $p)\t-" >> $R
 }
 
-for p in legate haproxy nginx; do echo -e "idle\t$p\t-\t-\t-\t$(rss_kb $p)" >> $R; done
+for p in legate haproxy nginx; do echo -e "idle\t$p\t-\t-\t-\t$(rss_kb $p)\t-" >> $R; done
 for run in $(seq $RUNS); do
   echo "run $run/$RUNS" >&2
   for p in legate haproxy nginx direct; do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
@@ -172,8 +174,8 @@ import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 runs, dur = sys.argv[2], sys.argv[3]
 by = collections.defaultdict(list)
-for t, p, v, cpu, p99, rss in rows:
-    by[(t, p)].append((v, cpu, p99, rss))
+for t, p, v, cpu, p99, rss, user in rows:
+    by[(t, p)].append((v, cpu, p99, rss, user))
 def med(xs):
     xs = [float(x) for x in xs if x not in ("-", "")]
     return (statistics.median(xs), min(xs), max(xs)) if xs else None
@@ -214,6 +216,17 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
         pt, pc = med([x[0] for x in v])[0], med([x[1] for x in v])[0]
         out.append(f"legate/{p}: throughput {lt/pt:.2f}x, CPU {lc/pc:.2f}x")
     print(f"- {names[t]}: " + "; ".join(out))
+# Where the CPU goes: the user-space part is each proxy's own code, the rest the
+# kernel's socket work.
+for t in ["keepalive", "close_http", "close_tcp"]:
+    out = []
+    for p in ["legate", "haproxy", "nginx"]:
+        v = by.get((t, p))
+        if v:
+            user, total = med([x[4] for x in v])[0], med([x[1] for x in v])[0]
+            out.append(f"{p} {user:.1f} + {total - user:.1f}")
+    if out:
+        print(f"- {names[t]}, µs CPU/req in user space + kernel: " + ", ".join(out))
 idle = {p: int(v[0][3]) for (t, p), v in by.items() if t == "idle"}
 print(f"- idle RSS: " + ", ".join(f"{p} {kb/1024:.1f} MB" for p, kb in idle.items()))
 PY
