@@ -10,6 +10,13 @@
 //! the alternative: 10% fewer instructions per connection, but 6 MB more
 //! RSS at idle (and, tuned to commit lazily, half the request rate).
 //!
+//! hyper gives each side of a connection an 8 KiB read and an 8 KiB write
+//! buffer, and renews the read buffer per request while the last request's
+//! head still points into it. glibc's thread cache stops at 1 KiB, so each
+//! of those takes its bins (two to four times per request). A few freed
+//! 8 KiB blocks wait per thread ([`Spare`]) for the next one: 2.9% fewer
+//! instructions per keep-alive request, 2.2% per new connection.
+//!
 //! glibc's malloc keeps what a burst of connections freed: per-thread arenas
 //! are only trimmed at their top, and its dynamic mmap threshold moves large
 //! buffers into the heap after the first ones are freed. After 2,000
@@ -21,6 +28,7 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::cell::RefCell;
 use std::time::Duration;
 
 /// What glibc's malloc aligns every block to on 64-bit targets.
@@ -39,6 +47,11 @@ pub struct Allocator;
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= MALLOC_ALIGN {
+            if layout.size() == SPARE_SIZE
+                && let Some(block) = Spare::take()
+            {
+                return block;
+            }
             return unsafe { libc::malloc(layout.size()) }.cast();
         }
         let Some(total) = layout.size().checked_add(layout.align()) else {
@@ -57,6 +70,9 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.align() <= MALLOC_ALIGN {
+            if layout.size() == SPARE_SIZE && Spare::keep(ptr) {
+                return;
+            }
             unsafe { libc::free(ptr.cast()) };
         } else {
             let raw = unsafe { ptr.cast::<*mut u8>().sub(1).read_unaligned() };
@@ -89,6 +105,67 @@ unsafe impl GlobalAlloc for Allocator {
             }
         }
         new
+    }
+}
+
+/// The size of hyper's connection buffers, which [`Spare`] keeps.
+const SPARE_SIZE: usize = 8192;
+/// Blocks kept per thread: two connections' worth, 64 KiB at most.
+const SPARE_MAX: usize = 8;
+
+/// A thread's freed [`SPARE_SIZE`] blocks, each a block from `malloc` (so
+/// `realloc` and `free` take it as their own), freed when the thread ends.
+struct Spare {
+    blocks: [*mut u8; SPARE_MAX],
+    len: usize,
+}
+
+thread_local! {
+    static SPARE: RefCell<Spare> = const {
+        RefCell::new(Spare { blocks: [std::ptr::null_mut(); SPARE_MAX], len: 0 })
+    };
+}
+
+impl Spare {
+    /// A kept block, if this thread has one. Falls back to malloc (None)
+    /// while the thread's storage is being torn down.
+    fn take() -> Option<*mut u8> {
+        SPARE
+            .try_with(|s| {
+                let mut s = s.try_borrow_mut().ok()?;
+                let len = s.len.checked_sub(1)?;
+                s.len = len;
+                Some(s.blocks[len])
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `block` if there is room; false means the caller frees it.
+    fn keep(block: *mut u8) -> bool {
+        SPARE
+            .try_with(|s| {
+                let Ok(mut s) = s.try_borrow_mut() else {
+                    return false;
+                };
+                if s.len == SPARE_MAX {
+                    return false;
+                }
+                let len = s.len;
+                s.blocks[len] = block;
+                s.len = len + 1;
+                true
+            })
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        for &block in &self.blocks[..self.len] {
+            // SAFETY: each kept block came from malloc and is owned here alone.
+            unsafe { libc::free(block.cast()) };
+        }
     }
 }
 
@@ -134,6 +211,34 @@ fn trim() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freed_8k_blocks_are_reused_by_their_thread_up_to_the_limit() {
+        let a = Allocator;
+        let layout = Layout::from_size_align(SPARE_SIZE, 8).unwrap();
+        unsafe {
+            // Start empty: the test thread may have kept blocks already.
+            while let Some(b) = Spare::take() {
+                libc::free(b.cast());
+            }
+            let blocks: Vec<*mut u8> = (0..SPARE_MAX + 2).map(|_| a.alloc(layout)).collect();
+            for &b in &blocks {
+                b.write_bytes(1, SPARE_SIZE);
+                a.dealloc(b, layout);
+            }
+            assert_eq!(SPARE.with(|s| s.borrow().len), SPARE_MAX);
+            // Last kept, first given: the block freed last within the limit.
+            let again = a.alloc(layout);
+            assert_eq!(again, blocks[SPARE_MAX - 1]);
+            // A kept block is a malloc block: realloc moves or grows it.
+            let grown = a.realloc(again, layout, 3 * SPARE_SIZE);
+            assert!((0..SPARE_SIZE).all(|i| *grown.add(i) == 1));
+            a.dealloc(grown, Layout::from_size_align(3 * SPARE_SIZE, 8).unwrap());
+            // Another thread has its own (empty) spares.
+            let other = std::thread::spawn(|| SPARE.with(|s| s.borrow().len)).join().unwrap();
+            assert_eq!(other, 0);
+        }
+    }
 
     #[test]
     fn blocks_of_every_alignment_are_aligned_zeroed_and_kept_on_realloc() {
