@@ -235,7 +235,9 @@ mod tests {
             assert!((0..SPARE_SIZE).all(|i| *grown.add(i) == 1));
             a.dealloc(grown, Layout::from_size_align(3 * SPARE_SIZE, 8).unwrap());
             // Another thread has its own (empty) spares.
-            let other = std::thread::spawn(|| SPARE.with(|s| s.borrow().len)).join().unwrap();
+            let other = std::thread::spawn(|| SPARE.with(|s| s.borrow().len))
+                .join()
+                .unwrap();
             assert_eq!(other, 0);
         }
     }
