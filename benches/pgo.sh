@@ -16,11 +16,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=deploy/legate.profdata
-# Warnings for functions edited since the profile was taken are expected.
-USE_FLAGS="-Cprofile-use=$PWD/$PROFILE -Cllvm-args=-no-pgo-warn-mismatch"
 
 if [ "${1:-}" = build ]; then
-  RUSTFLAGS="$USE_FLAGS" exec cargo build --release --locked --bin legate
+  # Cargo does not watch the profile, only RUSTFLAGS: naming the copy by its
+  # hash rebuilds every crate when the profile changes.
+  USE=target/pgo-use/$(sha256sum $PROFILE | cut -c1-16).profdata
+  mkdir -p target/pgo-use && cp $PROFILE $USE
+  # Warnings for functions edited since the profile was taken are expected.
+  RUSTFLAGS="-Cprofile-use=$PWD/$USE -Cllvm-args=-no-pgo-warn-mismatch" \
+    exec cargo build --release --locked --bin legate
 fi
 
 PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1)
