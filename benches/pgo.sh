@@ -21,7 +21,8 @@ if [ "${1:-}" = build ]; then
   # Cargo does not watch the profile, only RUSTFLAGS: naming the copy by its
   # hash rebuilds every crate when the profile changes.
   USE=target/pgo-use/$(sha256sum $PROFILE | cut -c1-16).profdata
-  mkdir -p target/pgo-use && cp $PROFILE $USE
+  # Copied once: rustc lists the profile among its inputs, a new mtime rebuilds.
+  mkdir -p target/pgo-use; [ -f $USE ] || cp $PROFILE $USE
   # Warnings for functions edited since the profile was taken are expected.
   RUSTFLAGS="-Cprofile-use=$PWD/$USE -Cllvm-args=-no-pgo-warn-mismatch" \
     exec cargo build --release --locked --bin legate
