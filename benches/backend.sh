@@ -1,10 +1,14 @@
-# Sourced by benches/ab.sh and benches/instructions.sh: a work dir with a
-# cleanup trap, and an nginx `return 200 'ok'` keep-alive backend.
+# Sourced by the benches' scripts: a work dir with a cleanup trap, an nginx
+# `return 200 'ok'` keep-alive backend, and the route tables they run.
 #
 #   W=$(mktemp -d); H=127.0.0.1; BACK=ADDR; source benches/backend.sh; start_backend $BACK [prefix...]
 
 cleanup() { set +e; for f in $W/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
+
+port() { # a free loopback port
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
 
 start_backend() { # address, then an optional command prefix (taskset -c 0)
   local addr=$1; shift
@@ -22,4 +26,23 @@ CONF
 legate_config() { # dir, port: an HTTP listener on $H:port forwarding to the backend $BACK
   mkdir -p $1
   printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\nclusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $H $2 $BACK > $1/bench.yaml
+}
+
+training_config() { # dir: TCP on $H:$TCP and HTTP (two routes) on $H:$HTTP to $BACK, for the
+  # profile and layout runs (benches/pgo.sh, benches/symbol-order.sh). Written like a real
+  # table (comments, ${VAR:-default}), so start-up runs the same YAML code as with routes/.
+  mkdir -p $1
+  cat > $1/legate.yaml <<YAML
+# Bench table for the profile and layout runs.
+listeners:
+  - { name: tcp, listen: "\${BENCH_TCP:-$H:$TCP}", cluster: backend }   # raw TCP
+  - name: http
+    listen: "$H:$HTTP"
+    protocol: http
+    routes:
+      - { name: api, match: { path_prefix: /api/ }, cluster: backend, timeout: 5s }
+      - { name: rest, cluster: backend }
+clusters:
+  - { name: backend, endpoints: [ "$BACK" ], connect_timeout: 1s, health: { interval: 1s, http_path: / } }
+YAML
 }

@@ -33,26 +33,13 @@ PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/
 for t in nginx wrk h2load curl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 2; }; done
 
 W=$(mktemp -d); H=127.0.0.1
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
 source benches/backend.sh
+BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
 start_backend $BACK
 
 RUSTFLAGS="-Cprofile-generate=$PWD/target/pgo-gen/raw" cargo build --release --locked --bin legate --target-dir target/pgo-gen
 
-mkdir -p $W/config
-cat > $W/config/legate.yaml <<YAML
-listeners:
-  - { name: tcp, listen: "$H:$TCP", cluster: backend }
-  - name: http
-    listen: "$H:$HTTP"
-    protocol: http
-    routes:
-      - { name: api, match: { path_prefix: /api/ }, cluster: backend, timeout: 5s }
-      - { name: rest, cluster: backend }
-clusters:
-  - { name: backend, endpoints: [ "$BACK" ], health: { interval: 1s, http_path: / } }
-YAML
+training_config $W/config
 LLVM_PROFILE_FILE="$W/raw/legate-%p-%m.profraw" target/pgo-gen/release/legate \
   --config $W/config --admin $H:$ADMIN --log warn > $W/legate.log 2>&1 &
 echo $! > $W/legate.pid

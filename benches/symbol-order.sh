@@ -23,27 +23,11 @@ LEGATE=${LEGATE_BIN:-target/release/legate}
 command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 2; }
 
 W=$(mktemp -d); H=127.0.0.1
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
 source benches/backend.sh
+BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
 start_backend $BACK
 
-mkdir -p $W/config
-# Written like a real table (comments, ${VAR:-default}), so start-up runs the
-# same YAML code as with routes/ and deploy/.
-cat > $W/config/legate.yaml <<YAML
-# Bench table for the layout run.
-listeners:
-  - { name: tcp, listen: "\${BENCH_TCP:-$H:$TCP}", cluster: backend }   # raw TCP
-  - name: http
-    listen: "$H:$HTTP"
-    protocol: http
-    routes:
-      - { name: api, match: { path_prefix: /api/ }, cluster: backend, timeout: 5s }
-      - { name: rest, cluster: backend }
-clusters:
-  - { name: backend, endpoints: [ "$BACK" ], connect_timeout: 1s, health: { interval: 1s, http_path: / } }
-YAML
+training_config $W/config
 # No --threads: start-up sizes the runtime from the CPUs, as in a Pod.
 valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/cg.out \
   "$LEGATE" --config $W/config --admin $H:$ADMIN --log warn > $W/legate.log 2>&1 &

@@ -313,7 +313,38 @@ pub fn template_pointer(kind: &str) -> Option<&'static str> {
     }
 }
 
-/// One Pod template inside a document, and what it is called in messages.
+/// A Pod template found in a document: the object at its
+/// [`template_pointer`], and the kind and name of the object holding it.
+pub struct Template<'a> {
+    pub kind: String,
+    pub name: String,
+    pub value: &'a mut Value,
+}
+
+/// The Pod templates of a Kubernetes object (and of the items of a `List`).
+/// Unknown kinds have none, whatever their shape.
+pub fn templates(object: &mut Value) -> Vec<Template<'_>> {
+    let kind = object["kind"].as_str().unwrap_or_default().to_string();
+    if kind == "List" {
+        return object
+            .get_mut("items")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .flat_map(templates)
+            .collect();
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or("(unnamed)")
+        .to_string();
+    let Some(value) = template_pointer(&kind).and_then(|at| object.pointer_mut(at)) else {
+        return Vec::new();
+    };
+    vec![Template { kind, name, value }]
+}
+
+/// One Pod template split into the two maps injection edits.
 struct PodTemplate<'a> {
     kind: String,
     name: String,
@@ -321,47 +352,33 @@ struct PodTemplate<'a> {
     spec: &'a mut Map<String, Value>,
 }
 
-/// The Pod templates of a Kubernetes object (and of the items of a `List`).
-/// Unknown kinds have none, whatever their shape.
+/// The Pod templates of an object that have the shape of one (a `spec` map).
 fn pod_templates(object: &mut Value) -> Vec<PodTemplate<'_>> {
-    let kind = object["kind"].as_str().unwrap_or_default().to_string();
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or("(unnamed)")
-        .to_string();
-    if kind == "List" {
-        return object
-            .get_mut("items")
-            .and_then(Value::as_array_mut)
-            .into_iter()
-            .flatten()
-            .flat_map(pod_templates)
-            .collect();
-    }
-    let template = template_pointer(&kind).and_then(|at| object.pointer_mut(at));
-    let Some(Value::Object(template)) = template else {
-        return Vec::new();
-    };
-    // Split the borrow: metadata and spec are two entries of one map.
-    template.entry("metadata").or_insert_with(|| json!({}));
-    let mut metadata = None;
-    let mut spec = None;
-    for (k, v) in template.iter_mut() {
-        match (k.as_str(), v) {
-            ("metadata", Value::Object(m)) => metadata = Some(m),
-            ("spec", Value::Object(s)) => spec = Some(s),
-            _ => {}
-        }
-    }
-    match (metadata, spec) {
-        (Some(metadata), Some(spec)) => vec![PodTemplate {
-            kind,
-            name,
-            metadata,
-            spec,
-        }],
-        _ => Vec::new(),
-    }
+    templates(object)
+        .into_iter()
+        .filter_map(|Template { kind, name, value }| {
+            let Value::Object(template) = value else {
+                return None;
+            };
+            // Split the borrow: metadata and spec are two entries of one map.
+            template.entry("metadata").or_insert_with(|| json!({}));
+            let mut metadata = None;
+            let mut spec = None;
+            for (k, v) in template.iter_mut() {
+                match (k.as_str(), v) {
+                    ("metadata", Value::Object(m)) => metadata = Some(m),
+                    ("spec", Value::Object(s)) => spec = Some(s),
+                    _ => {}
+                }
+            }
+            Some(PodTemplate {
+                kind,
+                name,
+                metadata: metadata?,
+                spec: spec?,
+            })
+        })
+        .collect()
 }
 
 /// Index of the item named `name` in the list `key` of `spec`.

@@ -64,20 +64,10 @@ fn parse(yaml: &str) -> Vec<Value> {
 
 /// The Pod templates (metadata + spec) of an object, as inject finds them.
 fn pods(object: &mut Value) -> Vec<&mut Value> {
-    let kind = object["kind"].as_str().unwrap_or_default().to_string();
-    if kind == "List" {
-        return object
-            .get_mut("items")
-            .and_then(Value::as_array_mut)
-            .into_iter()
-            .flatten()
-            .flat_map(pods)
-            .collect();
-    }
-    let Some(pointer) = legate::inject::template_pointer(&kind) else {
-        return Vec::new();
-    };
-    object.pointer_mut(pointer).into_iter().collect()
+    legate::inject::templates(object)
+        .into_iter()
+        .map(|t| t.value)
+        .collect()
 }
 
 /// Removes what inject adds (legate's container, its volume, the scrape
