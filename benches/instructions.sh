@@ -23,7 +23,7 @@ count() { # binary, test -> "N requests, I instructions/request"
   local bin=$1 test=$2 args=() n
   [ $test = close ] && args=(-H "Connection: close")
   rm -f $W/cg.out*
-  valgrind --tool=callgrind --callgrind-out-file=$W/cg.out "$bin" --config $W/l --admin $H:0 --threads 1 --log warn --shutdown-delay 0s > $W/l.log 2>&1 &
+  ${PRE:+env $PRE} valgrind --tool=callgrind --callgrind-out-file=$W/cg.out "$bin" --config $W/l --admin $H:0 --threads 1 --log warn --shutdown-delay 0s > $W/l.log 2>&1 &
   echo $! > $W/l.pid
   for i in $(seq 300); do curl -fs -o /dev/null http://$H:$PORT/ && break; sleep 0.1; done
   wrk -t1 -c10 -d2s "${args[@]}" http://$H:$PORT/ > /dev/null
