@@ -3,7 +3,8 @@
 # CPU time on a shared VM (±10% run to run), this repeats within ~0.1%, so it
 # shows a change of a few hundred instructions in legate, hyper or tokio.
 #
-#   bash benches/instructions.sh BINARY [BINARY...]     (TESTS="keepalive" for one line)
+#   bash benches/instructions.sh BINARY [BINARY...]     (TESTS="keepalive" for one line;
+#   PRE="VAR=value" runs each binary with that environment, e.g. a GLIBC_TUNABLES setting)
 #
 # Each binary runs --threads 1 under valgrind --tool=callgrind behind an
 # nginx `return 200` backend; wrk (-c10) warms it up for 2 s, the counters

@@ -146,7 +146,9 @@ const SMALL: usize = (SMALL_MAX + 7) / 16 + 1;
 /// connection buffers.
 const LARGE_STEP: usize = 512;
 const LARGE_MAX: usize = 8192;
-const CLASSES: usize = SMALL + LARGE_MAX / LARGE_STEP - SMALL_MAX / LARGE_STEP;
+/// Whole LARGE_STEPs at or below SMALL_MAX, which the large classes skip.
+const SKIPPED: usize = SMALL_MAX / LARGE_STEP;
+const CLASSES: usize = SMALL + LARGE_MAX / LARGE_STEP - SKIPPED;
 /// Blocks kept per class.
 const PER_CLASS: u16 = 64;
 /// Bytes kept per thread, at most.
@@ -161,9 +163,7 @@ impl Class {
         if size <= SMALL_MAX {
             Some(Class((size + 7) / 16))
         } else if size <= LARGE_MAX {
-            Some(Class(
-                SMALL + (size - 1) / LARGE_STEP - SMALL_MAX / LARGE_STEP,
-            ))
+            Some(Class(SMALL + (size - 1) / LARGE_STEP - SKIPPED))
         } else {
             None
         }
@@ -174,7 +174,7 @@ impl Class {
         if self.0 < SMALL {
             16 * self.0 + 8
         } else {
-            (self.0 - SMALL + SMALL_MAX / LARGE_STEP + 1) * LARGE_STEP
+            (self.0 - SMALL + SKIPPED + 1) * LARGE_STEP
         }
     }
 
@@ -193,6 +193,8 @@ impl Class {
 struct Spare {
     heads: [*mut u8; CLASSES],
     counts: [u16; CLASSES],
+    /// The sum of `counts` times their class sizes, kept rather than summed
+    /// over 79 classes at each free.
     bytes: usize,
 }
 
