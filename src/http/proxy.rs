@@ -350,7 +350,7 @@ async fn forward(
                     };
                 }
             }
-            Outcome::Failed(e) if e.is_user() => {
+            Outcome::Failed(e) if request_body_failed(&e) => {
                 // The app's request body broke (say, an invalid chunk size):
                 // the client's fault, not the upstream's.
                 tracing::debug!(cluster = %cluster.name, error = %e, "malformed request body");
@@ -371,6 +371,20 @@ async fn forward(
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
                     "upstream refused the request unprocessed; sending it again");
                 endpoint.pool.forget_h2();
+                unprocessed_left -= 1;
+            }
+            Outcome::Failed(e)
+                if dropped(&e)
+                    && idempotent
+                    && parts.is_some()
+                    && unprocessed_left > 0
+                    && (replayable || replay.as_ref().is_some_and(Replay::can_repeat)) =>
+            {
+                // The connection ended holding the request, which may have
+                // left (RFC 9110 §9.2.2): only a method safe to repeat goes
+                // again, on a new connection.
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
+                    "upstream connection dropped the request; sending it again");
                 unprocessed_left -= 1;
             }
             Outcome::Failed(e) => {
@@ -405,6 +419,21 @@ fn unprocessed(e: &hyper::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// Whether the app's own request body broke (an invalid chunk size, a client
+/// gone mid-body): hyper files that as a user error caused by the client
+/// connection's error. Its other user errors are not the client's.
+fn request_body_failed(e: &hyper::Error) -> bool {
+    e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
+}
+
+/// Whether the upstream connection's dispatch task ended holding the
+/// request, without an answer or an error for it. hyper's HTTP/2 client does
+/// this to a stream that waited for a slot when a GOAWAY comes, even after
+/// sending it. hyper files this as a user error, and offers no predicate.
+fn dropped(e: &hyper::Error) -> bool {
+    e.is_user() && e.to_string().starts_with("dispatch task is gone")
 }
 
 enum Outcome {

@@ -119,9 +119,12 @@ impl Legate {
         if !args.contains(&"--shutdown-delay") {
             cmd.args(["--shutdown-delay", "0s"]);
         }
+        if !args.contains(&"--log") {
+            cmd.args(["--log", "debug"]);
+        }
         cmd.arg("--config")
             .arg(config)
-            .args(["--admin", "127.0.0.1:0", "--log", "debug"])
+            .args(["--admin", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
