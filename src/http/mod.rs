@@ -85,18 +85,28 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
             activity.protocol(true);
             true
         }
-        HttpVersions::Both => tokio::select! {
-            sniffed = io.sniff() => match sniffed {
+        HttpVersions::Both => {
+            let sniff = io.sniff();
+            tokio::pin!(sniff);
+            // A client that wrote with its connect (the usual case) is read
+            // at once: no timer armed and cancelled, no wait on `stop`.
+            let sniffed = match poll_once(sniff.as_mut()).await {
+                Poll::Ready(sniffed) => sniffed,
+                Poll::Pending => tokio::select! {
+                    sniffed = sniff => sniffed,
+                    expired = activity.expired(limits) => {
+                        tracing::debug!(?expired, "closing connection before its first request");
+                        return;
+                    }
+                    _ = stop.cancelled() => return,
+                },
+            };
+            match sniffed {
                 Ok(Some(http2)) => http2,
                 // Closed before a byte, or broken: nothing to answer.
                 _ => return,
-            },
-            expired = activity.expired(limits) => {
-                tracing::debug!(?expired, "closing connection before its first request");
-                return;
             }
-            _ = stop.cancelled() => return,
-        },
+        }
     };
     let tunnels = conn.tunnels.clone();
     let tasks = conn.tasks.clone();
@@ -138,6 +148,11 @@ pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: Canc
         tunnels.close();
         tunnels.wait().await;
     }
+}
+
+/// Polls `fut` once, in the calling task's context (its waker is kept).
+async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
 }
 
 /// Drives hyper's connection future until it is done (`true`), a deadline
