@@ -195,8 +195,11 @@ impl Listeners {
                 socket,
                 name,
                 tables,
-                shutdown,
-                stop: stop_loop,
+                stop: Arc::new(stop_loop),
+                force_close: Arc::new(shutdown.force_close.clone()),
+                tasks: shutdown.connection_tasks(),
+                drivers: shutdown.background_tasks(),
+                connections: shutdown.connections.clone(),
                 permits,
                 last_warned: AtomicU64::new(0),
             };
@@ -242,8 +245,15 @@ struct Accept {
     socket: TcpListener,
     name: Arc<str>,
     tables: Arc<ArcSwap<RoutingTable>>,
-    shutdown: Shutdown,
-    stop: CancellationToken,
+    // The tokens each connection keeps are shared, not cloned: cloning or
+    // dropping a `CancellationToken` locks its tree, four times a connection.
+    stop: Arc<CancellationToken>,
+    /// `shutdown.force_close`: ends connections still open at the drain timeout.
+    force_close: Arc<CancellationToken>,
+    tasks: Tasks,
+    drivers: Tasks,
+    /// `shutdown.connections`, where connection tasks are spawned.
+    connections: TaskTracker,
     /// One per open connection (`max_connections`).
     permits: Arc<Semaphore>,
     /// [`now_ms`] of the last "not accepting" warning; 0: never.
@@ -263,6 +273,10 @@ impl Accept {
     /// accepting, and the kernel's backlog holds the app's new connections
     /// until a connection ends.
     async fn run(self) {
+        // One wait on `stop` for the loop's life, looked at only when the
+        // token wakes it: not registered and removed again per accept.
+        let stopped = OnWake::new(self.stop.cancelled());
+        tokio::pin!(stopped);
         loop {
             let Some((permit, client_fd, upstream_fd)) = self.admission().await else {
                 break;
@@ -271,7 +285,7 @@ impl Accept {
                 // Cancel-safe: a connection is either returned by `accept` or left
                 // in the kernel queue, which closes with the socket.
                 r = self.socket.accept() => r,
-                _ = self.stop.cancelled() => break,
+                _ = &mut stopped => break,
             };
             let (client, peer) = match accepted {
                 Ok(c) => c,
@@ -283,18 +297,18 @@ impl Accept {
                 }
             };
             let table = self.tables.load_full();
-            let force_close = self.shutdown.force_close.clone();
+            let force_close = self.force_close.clone();
             let name = self.name.clone();
             let http = HttpContext {
                 tables: self.tables.clone(),
                 stop: self.stop.clone(),
-                tasks: self.shutdown.connection_tasks(),
-                drivers: self.shutdown.background_tasks(),
+                tasks: self.tasks.clone(),
+                drivers: self.drivers.clone(),
             };
             // Boxed once here: tokio moves a spawned future four times on its
             // way into the task, and this one is ~5 KB (the connection's whole
             // state), ~2,000 instructions of memcpy per connection unboxed.
-            self.shutdown.connections.spawn(Box::pin(async move {
+            self.connections.spawn(Box::pin(async move {
                 // Held for the connection's life: its slot and its fd.
                 let _admitted = (permit, client_fd);
                 tokio::select! {
@@ -406,7 +420,7 @@ async fn dispatch(
                     kafka: metrics.clone(),
                     ports: ports.clone(),
                     tasks: http.tasks.clone(),
-                    stop: http.stop.clone(),
+                    stop: (*http.stop).clone(),
                     idle_timeout: tcp.idle_timeout,
                 };
                 let route = tcp.target.pick().clone();
@@ -421,7 +435,7 @@ async fn dispatch(
                     route: tcp.target.pick().clone(),
                     metrics: m.clone(),
                     pg: pg.clone(),
-                    stop: http.stop,
+                    stop: (*http.stop).clone(),
                     idle_timeout: tcp.idle_timeout,
                 };
                 drop(table);
@@ -453,7 +467,7 @@ async fn dispatch(
             };
             let limits = h.limits;
             drop(table);
-            crate::http::serve(client, conn, limits, http.stop).await;
+            crate::http::serve(client, conn, limits, &http.stop).await;
         }
     }
 }
@@ -463,7 +477,7 @@ async fn dispatch(
 /// its tasks run.
 struct HttpContext {
     tables: Arc<ArcSwap<RoutingTable>>,
-    stop: CancellationToken,
+    stop: Arc<CancellationToken>,
     tasks: Tasks,
     drivers: Tasks,
 }

@@ -6,6 +6,7 @@
 //! phases; connection tasks are spawned on [`Shutdown::connections`] so the
 //! drain can wait for exactly them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -38,7 +39,9 @@ pub struct Shutdown {
 #[derive(Clone)]
 pub struct Tasks {
     tracker: TaskTracker,
-    stop: CancellationToken,
+    /// Shared, not a token clone: every connection takes a `Tasks`, and
+    /// cloning or dropping a `CancellationToken` locks its tree.
+    stop: Arc<CancellationToken>,
 }
 
 /// How long each phase may take.
@@ -56,7 +59,7 @@ impl Shutdown {
     pub fn connection_tasks(&self) -> Tasks {
         Tasks {
             tracker: self.connections.clone(),
-            stop: self.force_close.clone(),
+            stop: Arc::new(self.force_close.clone()),
         }
     }
 
@@ -65,7 +68,7 @@ impl Shutdown {
     pub fn background_tasks(&self) -> Tasks {
         Tasks {
             tracker: self.background.clone(),
-            stop: self.stop_background.clone(),
+            stop: Arc::new(self.stop_background.clone()),
         }
     }
 

@@ -70,7 +70,7 @@ pub struct Conn {
 
 /// Serves one accepted connection until it ends, its head or idle timeout
 /// passes, or `stop` is cancelled (then it closes gracefully).
-pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: CancellationToken) {
+pub async fn serve(stream: TcpStream, conn: Conn, limits: ConnLimits, stop: &CancellationToken) {
     let activity = Arc::new(Activity::new());
     let mut io = Watched {
         inner: stream,
@@ -163,7 +163,7 @@ async fn watch<C: Future>(
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
     activity: &Activity,
     limits: ConnLimits,
-    stop: CancellationToken,
+    stop: &CancellationToken,
 ) -> bool {
     tokio::pin!(served);
     // Polled only when the watchdog's timer or the token woke the task, not
