@@ -361,30 +361,18 @@ async fn forward(
                 };
             }
             Outcome::Failed(e)
-                if unprocessed(&e)
+                if (unprocessed(&e) || (dropped(&e) && idempotent))
                     && parts.is_some()
                     && unprocessed_left > 0
                     && (replayable || replay.as_ref().is_some_and(Replay::can_repeat)) =>
             {
                 // Never processed (RFC 9113 §8.7): safe to send again for any
                 // method, on a new connection; this one takes no new streams.
+                // Dropped by a closing connection, it may have left: only a
+                // method safe to repeat goes again (RFC 9110 §9.2.2).
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
-                    "upstream refused the request unprocessed; sending it again");
+                    "upstream refused or dropped the request; sending it again");
                 endpoint.pool.forget_h2();
-                unprocessed_left -= 1;
-            }
-            Outcome::Failed(e)
-                if dropped(&e)
-                    && idempotent
-                    && parts.is_some()
-                    && unprocessed_left > 0
-                    && (replayable || replay.as_ref().is_some_and(Replay::can_repeat)) =>
-            {
-                // The connection ended holding the request, which may have
-                // left (RFC 9110 §9.2.2): only a method safe to repeat goes
-                // again, on a new connection.
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
-                    "upstream connection dropped the request; sending it again");
                 unprocessed_left -= 1;
             }
             Outcome::Failed(e) => {

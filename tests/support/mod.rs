@@ -284,6 +284,11 @@ impl Legate {
         }
     }
 
+    /// Whether any log line so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.logs().iter().any(|l| l.contains(text))
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.log.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
