@@ -208,6 +208,53 @@ fn listeners_are_added_moved_and_removed() {
     assert_eq!(Conn::open(second_port).backend, "a");
 }
 
+/// 1. Listener `app` serves HTTP on a fixed port (its socket is deferred: the
+///    kernel hands a connection over once the client wrote).
+/// 2. A reload makes it a TCP listener on the same port, to a backend that
+///    speaks first (its name line) while the app waits to read.
+/// 3. The app reads the name at once: the socket was bound anew without the
+///    deferral, which would hold a silent client for the kernel's wait (1 s
+///    or more) before legate sees it. Back to HTTP, requests are served.
+#[test]
+fn a_listener_changed_between_http_and_tcp_serves_a_server_that_speaks_first() {
+    let banner = Backend::named_echo("a");
+    let web = support::http::HttpBackend::start("web");
+    let port = refused_addr();
+    let http = format!(
+        "listeners:\n  - {{ name: app, listen: \"{port}\", protocol: http, cluster: web }}\nclusters:\n  - {{ name: web, endpoints: [ \"{}\" ] }}\n  - {{ name: db, endpoints: [ \"{}\" ] }}\n",
+        web.addr, banner.addr
+    );
+    let tcp = http.replace("protocol: http, cluster: web", "cluster: db");
+    let mut cm = ConfigMap::new(&[("routes.yaml", &http)]);
+    let legate = Legate::start_on(&cm, &[]);
+    assert_eq!(support::http_request(port, "GET", "/").0, 200);
+    let binds = || {
+        legate
+            .logs()
+            .iter()
+            .filter(|l| l.contains("listening") && l.contains("app"))
+            .count()
+    };
+
+    cm.update(&[("routes.yaml", &tcp)]);
+    legate.wait_generation(2);
+    wait_until("app bound again", || binds() >= 2);
+    let mut app = TcpStream::connect(port).unwrap();
+    // Well under the kernel's shortest deferral (1 s); the banner takes
+    // about a millisecond.
+    app.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let mut name = [0u8; 2];
+    app.read_exact(&mut name)
+        .expect("the backend's name, without a deferred accept's wait");
+    assert_eq!(&name, b"a\n");
+
+    cm.update(&[("routes.yaml", &http)]);
+    legate.wait_generation(3);
+    wait_until("app bound as HTTP again", || binds() >= 3);
+    assert_eq!(support::http_request(port, "GET", "/").0, 200);
+}
+
 /// 1. Cluster `db` with `drain_on_change: 1s`, cluster `cache` without; one
 ///    connection open through each.
 /// 2. A reload changes both clusters' endpoints.
