@@ -35,7 +35,9 @@ KEEP=${KEEP_BENCH_DIR:-0}
 H=127.0.0.1
 BACK=$H:31080 IPERF_PORT=31201
 # Per proxy: HTTP port, TCP-to-nginx port, TCP-to-iperf port.
-declare -A HTTP=([legate]=31101 [haproxy]=31111 [nginx]=31121 [direct]=31080)
+# nginx_deferred: nginx with `listen ... deferred` (TCP_DEFER_ACCEPT, which
+# legate's HTTP listeners set), measured on the new-connection HTTP line.
+declare -A HTTP=([legate]=31101 [haproxy]=31111 [nginx]=31121 [nginx_deferred]=31141 [direct]=31080)
 declare -A TCP=([legate]=31102 [haproxy]=31112 [haproxy_splice]=31132 [nginx]=31122 [direct]=31080)
 declare -A BULK=([legate]=31103 [haproxy]=31113 [haproxy_splice]=31133 [nginx]=31123 [direct]=$IPERF_PORT)
 declare -A PID
@@ -57,6 +59,9 @@ ngx backend "" "server { listen $BACK backlog=4096; keepalive_requests 10000000;
 ngx nginx "load_module /usr/lib/nginx/modules/ngx_stream_module.so;" \
   "upstream b { server $BACK; keepalive 64; } server { listen $H:${HTTP[nginx]} backlog=4096; keepalive_requests 10000000; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ''; } }" \
   "stream { server { listen $H:${TCP[nginx]} backlog=4096; proxy_pass $BACK; } server { listen $H:${BULK[nginx]}; proxy_pass $H:$IPERF_PORT; } }"
+
+ngx nginx_deferred "" \
+  "upstream b { server $BACK; keepalive 64; } server { listen $H:${HTTP[nginx_deferred]} backlog=4096 deferred; keepalive_requests 10000000; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ''; } }" ""
 
 hap() { # name, extra defaults options, ports...
   cat > $W/$1.cfg <<CFG
@@ -118,8 +123,9 @@ start legate 1 $LEGATE --config $W/legate --admin $H:0 --threads 1 --log warn --
 start haproxy 1 haproxy -f $W/haproxy.cfg -db
 start haproxy_splice 1 haproxy -f $W/haproxy_splice.cfg -db
 start nginx 1 nginx -p $W/nginx -c $W/nginx/nginx.conf
+start nginx_deferred 1 nginx -p $W/nginx_deferred -c $W/nginx_deferred/nginx.conf
 for i in $(seq 100); do
-  ok=1; for p in legate haproxy nginx direct; do curl -fs -o /dev/null http://$H:${HTTP[$p]}/ || ok=0; done
+  ok=1; for p in legate haproxy nginx nginx_deferred direct; do curl -fs -o /dev/null http://$H:${HTTP[$p]}/ || ok=0; done
   [ $ok = 1 ] && break; sleep 0.1
 done
 [ $ok = 1 ] || { tail $W/*.log; echo "proxies did not start" >&2; exit 1; }
@@ -164,7 +170,7 @@ for p in legate haproxy nginx; do echo -e "idle\t$p\t-\t-\t-\t$(rss_kb $p)\t-" >
 for run in $(seq $RUNS); do
   echo "run $run/$RUNS" >&2
   for p in legate haproxy nginx direct; do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
-  for p in legate haproxy nginx direct; do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
+  for p in legate haproxy nginx nginx_deferred direct; do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
   for p in legate haproxy haproxy_splice nginx direct; do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
   for p in legate haproxy haproxy_splice nginx direct; do bulk_run $p; done
 done
@@ -193,7 +199,7 @@ print(f"Runs: {runs} x {dur} s per line, medians (min-max). Proxy pinned to CPU 
 print("| test | proxy | throughput | proxy CPU | p99 | peak RSS |")
 print("| --- | --- | --- | --- | --- | --- |")
 for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
-    for p in ["legate", "haproxy", "haproxy_splice", "nginx", "direct"]:
+    for p in ["legate", "haproxy", "haproxy_splice", "nginx", "nginx_deferred", "direct"]:
         v = by.get((t, p))
         if not v: continue
         thr, cpu = med([x[0] for x in v]), med([x[1] for x in v])
@@ -210,7 +216,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
     if not l: continue
     lt, lc = med([x[0] for x in l])[0], med([x[1] for x in l])[0]
     out = []
-    for p in ["haproxy", "haproxy_splice", "nginx"]:
+    for p in ["haproxy", "haproxy_splice", "nginx", "nginx_deferred"]:
         v = by.get((t, p))
         if not v: continue
         pt, pc = med([x[0] for x in v])[0], med([x[1] for x in v])[0]
@@ -220,7 +226,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
 # kernel's socket work.
 for t in ["keepalive", "close_http", "close_tcp"]:
     out = []
-    for p in ["legate", "haproxy", "nginx"]:
+    for p in ["legate", "haproxy", "nginx", "nginx_deferred"]:
         v = by.get((t, p))
         if v:
             user, total = med([x[4] for x in v])[0], med([x[1] for x in v])[0]
