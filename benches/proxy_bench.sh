@@ -56,12 +56,12 @@ $4
 CONF
 }
 ngx backend "" "server { listen $BACK backlog=4096; keepalive_requests 10000000; location / { return 200 'ok'; } }" ""
+# nginx's HTTP proxy, listening with the given listen parameters.
+ngx_http_proxy() { echo "upstream b { server $BACK; keepalive 64; } server { listen $1; keepalive_requests 10000000; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ''; } }"; }
 ngx nginx "load_module /usr/lib/nginx/modules/ngx_stream_module.so;" \
-  "upstream b { server $BACK; keepalive 64; } server { listen $H:${HTTP[nginx]} backlog=4096; keepalive_requests 10000000; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ''; } }" \
+  "$(ngx_http_proxy "$H:${HTTP[nginx]} backlog=4096")" \
   "stream { server { listen $H:${TCP[nginx]} backlog=4096; proxy_pass $BACK; } server { listen $H:${BULK[nginx]}; proxy_pass $H:$IPERF_PORT; } }"
-
-ngx nginx_deferred "" \
-  "upstream b { server $BACK; keepalive 64; } server { listen $H:${HTTP[nginx_deferred]} backlog=4096 deferred; keepalive_requests 10000000; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ''; } }" ""
+ngx nginx_deferred "" "$(ngx_http_proxy "$H:${HTTP[nginx_deferred]} backlog=4096 deferred")" ""
 
 hap() { # name, extra defaults options, ports...
   cat > $W/$1.cfg <<CFG

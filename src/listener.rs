@@ -209,8 +209,8 @@ impl Listeners {
             .collect();
         for name in stale {
             if let Some(r) = self.running.remove(&name) {
+                // The loop closes the socket and its semaphore as it ends.
                 r.stop.cancel();
-                r.limit.permits.close();
                 let _ = r.task.await;
                 if let Ok(mut b) = self.bound.lock() {
                     b.remove(&name);
@@ -264,6 +264,8 @@ impl Listeners {
                 _ = stop_loop.cancelled() => None,
             };
             let Some(socket) = socket else {
+                // No loop will run: a `resize` waiting for permits ends too.
+                permits.close();
                 let _ = bound_tx.send(());
                 return;
             };
@@ -312,7 +314,8 @@ impl Limit {
         } else if max < *current {
             let (permits, fewer) = (self.permits.clone(), (*current - max) as u32);
             // Owned by the semaphore: ends when the permits are had, or when
-            // the listener closes the semaphore (its accept loop ends).
+            // the accept loop closes the semaphore as it ends (the listener
+            // was removed or moved by a reload, or the shutdown stopped it).
             tokio::spawn(async move {
                 if let Ok(p) = permits.acquire_many_owned(fewer).await {
                     p.forget();
@@ -405,6 +408,9 @@ impl Accept {
         // Close the socket before saying so: anyone who reads the log line and
         // connects must be refused, not queued in a backlog nobody accepts.
         drop(self.socket);
+        // Ends a `resize` still waiting for permits (its task is owned by the
+        // semaphore), and any late admission.
+        self.permits.close();
         tracing::info!(listener = %self.name, "listener closed");
     }
 
@@ -590,6 +596,31 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// A lowered `max_connections` waits for open connections to give
+    /// their permits back in a task of its own; closing the semaphore (what
+    /// the accept loop does as it ends) ends that task.
+    #[tokio::test]
+    async fn a_waiting_resize_ends_when_the_semaphore_closes() {
+        let permits = Arc::new(Semaphore::new(2));
+        let limit = Limit {
+            permits: permits.clone(),
+            max: Mutex::new(2),
+        };
+        let _open = permits.clone().acquire_many_owned(2).await.unwrap();
+        limit.resize(1);
+        tokio::task::yield_now().await;
+        // Ours, the limit's, the open connections' permit and the resize task's.
+        assert_eq!(Arc::strong_count(&permits), 4, "the resize task waits");
+        permits.close();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while Arc::strong_count(&permits) > 3 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the resize task ended");
     }
 
     /// A deferred listener hands over first the connection whose client
