@@ -6,6 +6,13 @@
 //! an idle legate maps only the first group (idle RSS 8.1 -> 5.5 MB). Names
 //! the linker does not find are ignored.
 //! `LEGATE_SYMBOL_ORDER=0` turns it off (for a linker other than lld).
+//!
+//! Relative relocations are packed (DT_RELR) where the build host's glibc
+//! loads them (2.36 and later): the dynamic loader otherwise reads a 350 KB
+//! `.rela.dyn` at every start, and those pages stay resident (RSS -0.35 MB).
+//! A binary linked against a glibc already needs that glibc or a later one, so
+//! this adds no requirement; an older loader refuses it by name
+//! (`GLIBC_ABI_DT_RELR not found`) instead of misloading it.
 
 fn main() {
     println!("cargo:rerun-if-changed=deploy/symbol-order.txt");
@@ -20,4 +27,22 @@ fn main() {
         );
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
+    if lld_by_default && glibc_has_relr() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
+}
+
+/// Whether the build host's glibc is 2.36 or later (`getconf` says "glibc 2.36").
+fn glibc_has_relr() -> bool {
+    let Ok(out) = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+    else {
+        return false;
+    };
+    let v = String::from_utf8_lossy(&out.stdout);
+    let mut parts = v.trim().trim_start_matches("glibc ").split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (2, 36)
 }

@@ -28,36 +28,52 @@ BACK=$H:$(port); TCP=$(port); HTTP=$(port); ADMIN=$(port)
 start_backend $BACK
 
 training_config $W/config
-# No --threads: start-up sizes the runtime from the CPUs, as in a Pod.
-valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/cg.out \
-  "$LEGATE" --config $W/config --admin $H:$ADMIN --log warn > $W/legate.log 2>&1 &
-echo $! > $W/legate.pid
-for _ in $(seq 300); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.2; done
-curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
-sleep 2  # health probes and the timers an idle legate runs
-# Each phase is dumped on its own (callgrind zeroes after a dump), so the list
-# is grouped: start-up and idle, then HTTP/1.1 and TCP requests, then h2c, then
-# the admin endpoints and a reload. An idle legate touches only the first group.
-callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
-for _ in $(seq 30); do
-  curl -s -o /dev/null http://$H:$HTTP/api/x
-  curl -s -o /dev/null http://$H:$HTTP/
-  curl -s -o /dev/null -H 'Connection: close' http://$H:$HTTP/
-  curl -s -o /dev/null http://$H:$TCP/
-done
-callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
-for _ in $(seq 10); do curl -s -o /dev/null --http2-prior-knowledge http://$H:$HTTP/api/y; done
-callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
-for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMIN$path; done
-sed -i 's/timeout: 5s/timeout: 6s/' $W/config/legate.yaml
-curl -s -o /dev/null -X POST http://$H:$ADMIN/reload
-curl -s -o /dev/null http://$H:$HTTP/api/z
-kill -TERM "$(cat $W/legate.pid)"
-for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.2; done
-
-# The functions of legate's own object, phase by phase (cg.out.1, .2, .3, then
-# the dump at exit), each phase in the order callgrind first names them.
-python3 - "$(basename "$LEGATE")" $W/cg.out.1 $W/cg.out.2 $W/cg.out.3 $W/cg.out > deploy/symbol-order.txt <<'PY'
+# train NAME [ARGS]: one callgrind run of the phases below, dumped to
+# $W/NAME.1, .2, .3 and $W/NAME at exit.
+train() {
+  local name=$1; shift
+  valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/$name \
+    "$LEGATE" --config $W/config --admin $H:$ADMIN --log warn "$@" > $W/legate.log 2>&1 &
+  echo $! > $W/legate.pid
+  for _ in $(seq 300); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.2; done
+  curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
+  sleep 2  # health probes and the timers an idle legate runs
+  # Each phase is dumped on its own (callgrind zeroes after a dump), so the list
+  # is grouped: start-up and idle, then HTTP/1.1 and TCP requests, then h2c, then
+  # the admin endpoints and a reload. An idle legate touches only the first group.
+  callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
+  for _ in $(seq 30); do
+    curl -s -o /dev/null http://$H:$HTTP/api/x
+    curl -s -o /dev/null http://$H:$HTTP/
+    curl -s -o /dev/null -H 'Connection: close' http://$H:$HTTP/
+    curl -s -o /dev/null http://$H:$TCP/
+  done
+  # Concurrent clients take paths one at a time does not: a pool of upstream
+  # connections, sockets not ready, clients that leave mid-connection (wrk's end).
+  if command -v wrk >/dev/null; then
+    wrk -t1 -c20 -d2s http://$H:$HTTP/ > /dev/null
+    wrk -t1 -c20 -d2s -H 'Connection: close' http://$H:$HTTP/ > /dev/null
+    wrk -t1 -c20 -d2s http://$H:$TCP/ > /dev/null
+  fi
+  callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
+  for _ in $(seq 10); do curl -s -o /dev/null --http2-prior-knowledge http://$H:$HTTP/api/y; done
+  callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
+  for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMIN$path; done
+  sed -i 's/timeout: 5s/timeout: 6s/' $W/config/legate.yaml
+  curl -s -o /dev/null -X POST http://$H:$ADMIN/reload
+  curl -s -o /dev/null http://$H:$HTTP/api/z
+  sed -i 's/timeout: 6s/timeout: 5s/' $W/config/legate.yaml
+  kill -TERM "$(cat $W/legate.pid)"
+  for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.2; done
+}
+# Start-up sizes the runtime from the CPUs: one CPU (a sidecar's usual limit)
+# runs tokio's current-thread scheduler, more its multi-thread one. Both are
+# trained, so either finds its code in the groups.
+train one --threads 1
+train many
+# The functions of legate's own object, phase by phase (NAME.1, .2, .3, then
+# the dump at exit; each phase of both runs), each in the order callgrind first names them.
+python3 - "$(basename "$LEGATE")" $W/one.1 $W/many.1 $W/one.2 $W/many.2 $W/one.3 $W/many.3 $W/one $W/many > deploy/symbol-order.txt <<'PY'
 import re, sys
 pat = re.compile(r'^(ob|cob|fn|cfn)=\((\d+)\)(?: (.*))?$')
 seen = set()
