@@ -6,21 +6,24 @@
 # resident; packed together it is ~2 MB, and grouped by phase an idle legate
 # maps only its start-up group (1.4 MB). Measured: idle RSS 8.1 -> 5.5 MB at
 # start; in benches/proxy_bench.sh peak 12.9 -> 10.0 MB, idle after it 5.7 MB.
+# Trained on both tokio runtimes (one CPU runs the current-thread scheduler)
+# and under concurrent load: peak 10.0-10.2 -> 8.9-9.1 MB, idle at start 5.1-5.4.
 #
 #   bash benches/pgo.sh build && bash benches/symbol-order.sh && bash benches/pgo.sh build
 #
-# Runs the release binary under callgrind (valgrind) on loopback: TCP, HTTP/1.1
+# Runs the release binary under callgrind (valgrind) on loopback, twice (with
+# --threads 1 and sized from the CPUs): TCP, HTTP/1.1 (one at a time, then wrk)
 # and h2c through legate to an nginx backend, the admin endpoints, a reload. The
 # names are mangled and stable across edits of a function's body (with fat LTO:
 # thin LTO adds a per-build suffix to some); a stale list only loses the effect
 # for the functions renamed since (lld ignores names it does not find).
-# Regenerate after dependency or compiler upgrades. Needs valgrind, nginx,
+# Regenerate after dependency or compiler upgrades. Needs valgrind, nginx, wrk,
 # curl (with HTTP/2), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LEGATE=${LEGATE_BIN:-target/release/legate}
 [ -x "$LEGATE" ] || { echo "build first: cargo build --release" >&2; exit 2; }
-command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 2; }
+for t in valgrind wrk; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 2; }; done
 
 W=$(mktemp -d); H=127.0.0.1
 source benches/backend.sh
@@ -50,11 +53,9 @@ train() {
   done
   # Concurrent clients take paths one at a time does not: a pool of upstream
   # connections, sockets not ready, clients that leave mid-connection (wrk's end).
-  if command -v wrk >/dev/null; then
-    wrk -t1 -c20 -d2s http://$H:$HTTP/ > /dev/null
-    wrk -t1 -c20 -d2s -H 'Connection: close' http://$H:$HTTP/ > /dev/null
-    wrk -t1 -c20 -d2s http://$H:$TCP/ > /dev/null
-  fi
+  wrk -t1 -c20 -d2s http://$H:$HTTP/ > /dev/null
+  wrk -t1 -c20 -d2s -H 'Connection: close' http://$H:$HTTP/ > /dev/null
+  wrk -t1 -c20 -d2s http://$H:$TCP/ > /dev/null
   callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
   for _ in $(seq 10); do curl -s -o /dev/null --http2-prior-knowledge http://$H:$HTTP/api/y; done
   callgrind_control -d "$(cat $W/legate.pid)" > /dev/null
