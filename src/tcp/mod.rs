@@ -201,7 +201,8 @@ pub(crate) fn reset(socket: &TcpStream) {
 }
 
 /// Forwards between `client` and `upstream` until both directions reach EOF,
-/// or nothing moved for `idle_timeout`.
+/// or nothing moved for `idle_timeout`. On the splice path the last FIN goes
+/// out with the sockets' close: the caller drops them as soon as this returns.
 pub async fn forward(
     client: &mut TcpStream,
     upstream: &mut UpstreamStream,
@@ -235,9 +236,18 @@ async fn both_ways(
         && let Some((up_pipe, down_pipe)) = splice::Pipe::pair()
     {
         let (client, upstream) = (&*client, &*upstream);
+        // Both sockets close as soon as this returns (`serve` drops them).
+        let directions = splice::Directions::default();
         let (up, down) = tokio::try_join!(
-            splice::pipe(client, upstream, up_pipe, up_bytes, activity),
-            splice::pipe(upstream, client, down_pipe, down_bytes, activity),
+            splice::pipe(client, upstream, up_pipe, up_bytes, activity, &directions),
+            splice::pipe(
+                upstream,
+                client,
+                down_pipe,
+                down_bytes,
+                activity,
+                &directions
+            ),
         )?;
         return Ok(Transferred {
             upstream: up,

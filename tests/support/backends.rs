@@ -27,10 +27,10 @@ impl Backend {
     }
 
     /// Sends `banner`, half-closes, then reads until EOF and reports how many
-    /// bytes it received on `received`.
+    /// bytes it received on `received` (an error if the stream ended in a reset).
     pub fn banner_then_read(
         banner: &'static [u8],
-        received: std::sync::mpsc::Sender<usize>,
+        received: std::sync::mpsc::Sender<std::io::Result<usize>>,
     ) -> Backend {
         Backend::serve(move |mut s: TcpStream| {
             let received = received.clone();
@@ -40,13 +40,15 @@ impl Backend {
                 }
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut total = 0;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
+                let ended = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(total),
+                        Ok(n) => total += n,
+                        // A reset, not a FIN: reported as such.
+                        Err(e) => break Err(e),
                     }
-                    total += n;
-                }
-                let _ = received.send(total);
+                };
+                let _ = received.send(ended);
             }
         })
     }
