@@ -46,3 +46,13 @@ clusters:
   - { name: backend, endpoints: [ "$BACK" ], connect_timeout: 1s, health: { interval: 1s, http_path: / } }
 YAML
 }
+
+wait_ready() { # seconds: until legate (pid in $W/legate.pid) answers /readyz on $H:$ADMIN; else its log, exit 1
+  for _ in $(seq $(($1 * 5))); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && return; sleep 0.2; done
+  cat $W/legate.log >&2; exit 1
+}
+
+stop_legate() { # SIGTERM, and up to 20 s for it to exit (a profile or a callgrind dump is written at exit)
+  kill -TERM "$(cat $W/legate.pid)"
+  for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || return 0; sleep 0.2; done
+}

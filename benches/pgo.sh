@@ -47,8 +47,7 @@ train() {
   LLVM_PROFILE_FILE="$W/raw/legate-%p-%m.profraw" target/pgo-gen/release/legate \
     --config $W/config --admin $H:$ADMIN --log warn "$@" > $W/legate.log 2>&1 &
   echo $! > $W/legate.pid
-  for _ in $(seq 100); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.1; done
-  curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
+  wait_ready 10
 
   # Weighted like benches/proxy_bench.sh: mostly HTTP/1.1 requests.
   wrk -t1 -c50 -d10s http://$H:$HTTP/ > /dev/null
@@ -58,8 +57,7 @@ train() {
   h2load -c4 -m10 -D 3 http://$H:$HTTP/api/h2 > /dev/null
   for path in / /metrics /config /healthz; do curl -s -o /dev/null http://$H:$ADMIN$path; done
   # The profile is written at exit.
-  kill -TERM "$(cat $W/legate.pid)"
-  for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.1; done
+  stop_legate
 }
 # Start-up sizes the runtime from the CPUs: one CPU (a sidecar's usual limit,
 # and the bench's --threads 1) runs tokio's current-thread scheduler, more its

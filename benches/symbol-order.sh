@@ -38,8 +38,7 @@ train() {
   valgrind --tool=callgrind --demangle=no --callgrind-out-file=$W/$name \
     "$LEGATE" --config $W/config --admin $H:$ADMIN --log warn "$@" > $W/legate.log 2>&1 &
   echo $! > $W/legate.pid
-  for _ in $(seq 300); do curl -fs http://$H:$ADMIN/readyz >/dev/null 2>&1 && break; sleep 0.2; done
-  curl -fs http://$H:$ADMIN/readyz >/dev/null || { cat $W/legate.log >&2; exit 1; }
+  wait_ready 60
   sleep 2  # health probes and the timers an idle legate runs
   # Each phase is dumped on its own (callgrind zeroes after a dump), so the list
   # is grouped: start-up and idle, then HTTP/1.1 and TCP requests, then h2c, then
@@ -64,8 +63,7 @@ train() {
   curl -s -o /dev/null -X POST http://$H:$ADMIN/reload
   curl -s -o /dev/null http://$H:$HTTP/api/z
   sed -i 's/timeout: 6s/timeout: 5s/' $W/config/legate.yaml
-  kill -TERM "$(cat $W/legate.pid)"
-  for _ in $(seq 100); do kill -0 "$(cat $W/legate.pid)" 2>/dev/null || break; sleep 0.2; done
+  stop_legate
 }
 # Start-up sizes the runtime from the CPUs: one CPU (a sidecar's usual limit)
 # runs tokio's current-thread scheduler, more its multi-thread one. Both are
