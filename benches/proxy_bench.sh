@@ -10,7 +10,9 @@
 # CPU 0. With one core on each side the load side saturates first, so req/s
 # alone cannot separate good proxies: the proxy's own CPU time (utime+stime
 # from /proc over the run) per request and per GB can. Proxies alternate
-# within each run (A B C A B C ...); medians with min-max are reported.
+# within each run, each run starting one proxy later (A B C, B C A, ...),
+# after one uncounted second of each line per proxy; medians with min-max are
+# reported.
 # Needs (Debian): nginx libnginx-mod-stream haproxy wrk iperf3, and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -166,13 +168,29 @@ bulk_run() { # proxy
   echo -e "bulk\t$p\t$gbps\t$(awk -v c=$((u1-u0+s1-s0)) -v b=$bytes -v hz=$HZ 'BEGIN {printf "%.0f", c/hz*1e3/(b/1e9)}')\t-\t$(rss_kb $p)\t-" >> $R
 }
 
+# The first N-1 words after the run number, rotated by it: each run starts
+# one proxy later, so none always goes first (right after the previous line's
+# load) or last.
+rotate() { local k=$(( $1 % ($# - 1) )); shift; echo "${@:k+1}" "${@:1:k}"; }
+
 for p in legate haproxy nginx; do echo -e "idle\t$p\t-\t-\t-\t$(rss_kb $p)\t-" >> $R; done
+if [ $SMOKE = 0 ]; then
+  # One second of each line per proxy, not counted: the first measured run
+  # should not be the one that maps the code and grows the heap.
+  for p in legate haproxy nginx nginx_deferred; do
+    taskset -c 0 wrk -t1 -c50 -d1s http://$H:${HTTP[$p]}/ > /dev/null 2>&1
+    taskset -c 0 wrk -t1 -c50 -d1s -H "Connection: close" http://$H:${HTTP[$p]}/ > /dev/null 2>&1
+  done
+  for p in legate haproxy haproxy_splice nginx; do
+    taskset -c 0 wrk -t1 -c50 -d1s -H "Connection: close" http://$H:${TCP[$p]}/ > /dev/null 2>&1
+  done
+fi
 for run in $(seq $RUNS); do
   echo "run $run/$RUNS" >&2
-  for p in legate haproxy nginx direct; do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
-  for p in legate haproxy nginx nginx_deferred direct; do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
-  for p in legate haproxy haproxy_splice nginx direct; do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
-  for p in legate haproxy haproxy_splice nginx direct; do bulk_run $p; done
+  for p in $(rotate $run legate haproxy nginx direct); do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
+  for p in $(rotate $run legate haproxy nginx nginx_deferred direct); do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
+  for p in $(rotate $run legate haproxy haproxy_splice nginx direct); do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
+  for p in $(rotate $run legate haproxy haproxy_splice nginx direct); do bulk_run $p; done
 done
 
 python3 - "$R" "$RUNS" "$DUR" <<'PY'
