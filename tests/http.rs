@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::backends::Backend;
-use support::http::{Client, HttpBackend, curl, curl_output};
+use support::http::{Client, HttpBackend, Reply, curl, curl_output};
 use support::{DEADLINE, Legate, refused_addr, wait_until};
 
 fn http_listener(routes: &str, clusters: &str) -> String {
@@ -625,50 +625,95 @@ impl OneStreamUpstream {
 /// GET in 5,000 under `h2_upstream_goaway_loses_no_request`). The request
 /// did reach the upstream, so only a method safe to repeat goes again (on a
 /// new connection); a POST gets 502.
+///
+/// Two other endings race with that one. h2 may close the connection with
+/// its own GOAWAY first, and the stream gets that as its error: the request
+/// had left just the same, so a POST still gets 502 (it was sent again, as
+/// if the upstream had refused it, until this test caught it). Or the
+/// upstream's second GOAWAY (last stream 1, after the PING round trip)
+/// reaches h2 first (seen in CI once): then the upstream has said the stream
+/// was never processed, and any method goes again (200 "fresh"); so does a
+/// stream that h2 fails with the first GOAWAY's error (the known race in
+/// `unprocessed`, src/http/proxy.rs). Neither is what this test is for, so
+/// such an attempt is checked and the scenario run again, up to five times.
 #[test]
 fn h2_request_dropped_at_goaway_is_not_a_client_error() {
     for (method, body, status, text) in [
         ("GET", &b""[..], 200, "fresh"),
         ("POST", &b"posted"[..], 502, "upstream connection failed\n"),
     ] {
-        let mut upstream = OneStreamUpstream::start();
-        // h2's trace shows when the second request's stream is queued to
-        // wait for the slot.
-        let legate = Legate::start_with(
-            &http_listener(
-                "      - cluster: one",
-                &cluster("one", &[upstream.backend.addr], ", http2: true"),
-            ),
-            &["--log", "debug,h2=trace"],
-        );
-        let addr = legate.addr("web");
-        let first = std::thread::spawn(move || Client::connect(addr).get("/held"));
-        upstream
-            .held
-            .recv_timeout(DEADLINE)
-            .expect("the upstream holds the first request");
-        let second = std::thread::spawn(move || {
-            Client::connect(addr)
-                .send(method, "/second", &[], body)
-                .expect("second request")
-        });
-        legate.wait_log(|l| l.contains("send_headers; frame=Headers { stream_id: StreamId(3)"));
-        upstream.go.take().unwrap().send(()).unwrap();
-        let second = second.join().unwrap();
-        assert_eq!(
-            (second.status, second.body.as_str()),
-            (status, text),
-            "{method}"
-        );
-        assert_eq!(first.join().unwrap().body, "held");
-        // It had left: h2 sent its head before hyper dropped it (and
-        // reset the stream).
-        legate.wait_log(|l| l.contains(r#""send","frame":"Headers { stream_id: StreamId(3)"#));
+        let mut dropped = false;
+        for _ in 0..5 {
+            let (second, legate) = request_behind_goaway(method, body);
+            // It had left: h2 sent its head (before hyper dropped it, or
+            // before the last GOAWAY refused it).
+            legate.wait_log(|l| l.contains(r#""send","frame":"Headers { stream_id: StreamId(3)"#));
+            // What legate made of the lost stream, logged before it answered.
+            let verdict = legate.wait_log(|l| {
+                l.contains("upstream refused the request unprocessed")
+                    || l.contains("upstream connection ended holding the request")
+                    || l.contains("upstream request failed")
+                    || l.contains("malformed request body")
+            });
+            assert!(
+                !verdict.contains("malformed request body"),
+                "{method}: the client was blamed"
+            );
+            if !verdict.contains("refused the request unprocessed") {
+                assert_eq!(
+                    (second.status, second.body.as_str()),
+                    (status, text),
+                    "{method}: {verdict}"
+                );
+                dropped = true;
+                break;
+            }
+            // Taken as refused, so sent again whatever the method: by the
+            // upstream's last GOAWAY, or by the race in `unprocessed`'s
+            // comment. Neither is the case under test.
+            assert_eq!(
+                (second.status, second.body.as_str()),
+                (200, "fresh"),
+                "{method}, refused"
+            );
+        }
         assert!(
-            !legate.logged("malformed request body"),
-            "{method}: the client was blamed"
+            dropped,
+            "{method}: the upstream refused the request in all five tries"
         );
     }
+}
+
+/// Sends a request while the upstream's one stream slot is held, then lets
+/// the upstream answer the first and start a graceful GOAWAY; returns the
+/// answer to the waiting request.
+fn request_behind_goaway(method: &'static str, body: &'static [u8]) -> (Reply, Legate) {
+    let mut upstream = OneStreamUpstream::start();
+    // h2's trace shows when the second request's stream is queued to
+    // wait for the slot.
+    let legate = Legate::start_with(
+        &http_listener(
+            "      - cluster: one",
+            &cluster("one", &[upstream.backend.addr], ", http2: true"),
+        ),
+        &["--log", "debug,h2=trace"],
+    );
+    let addr = legate.addr("web");
+    let first = std::thread::spawn(move || Client::connect(addr).get("/held"));
+    upstream
+        .held
+        .recv_timeout(DEADLINE)
+        .expect("the upstream holds the first request");
+    let second = std::thread::spawn(move || {
+        Client::connect(addr)
+            .send(method, "/second", &[], body)
+            .expect("second request")
+    });
+    legate.wait_log(|l| l.contains("send_headers; frame=Headers { stream_id: StreamId(3)"));
+    upstream.go.take().unwrap().send(()).unwrap();
+    let second = second.join().unwrap();
+    assert_eq!(first.join().unwrap().body, "held");
+    (second, legate)
 }
 
 /// Sends raw bytes to `addr` and returns everything that comes back.

@@ -370,8 +370,13 @@ async fn forward(
                 // method, on a new connection; this one takes no new streams.
                 // Dropped by a closing connection, it may have left: only a
                 // method safe to repeat goes again (RFC 9110 §9.2.2).
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
-                    "upstream refused or dropped the request; sending it again");
+                if unprocessed(&e) {
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
+                        "upstream refused the request unprocessed; sending it again");
+                } else {
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
+                        "upstream connection ended holding the request; sending it again (safe to repeat)");
+                }
                 endpoint.pool.forget_h2();
                 unprocessed_left -= 1;
             }
@@ -395,18 +400,38 @@ async fn forward(
 const UNPROCESSED_RETRIES: u32 = 3;
 
 /// Whether an HTTP/2 upstream refused the stream before processing it: a
-/// graceful GOAWAY (NO_ERROR) reaching a stream means its id was above the
-/// GOAWAY's last-stream-id; REFUSED_STREAM says so outright.
+/// graceful GOAWAY (NO_ERROR) from the upstream reaching a stream means its
+/// id was above the GOAWAY's last-stream-id; REFUSED_STREAM says so outright.
+/// Only the upstream can say so: a GOAWAY h2 itself sent as legate's side of
+/// the connection closed says nothing about what the upstream processed.
+///
+/// Known race: h2 keeps the last GOAWAY as the connection's error and
+/// returns it to hyper while hyper waits for a queued stream to open, and
+/// hyper fails that request with it, even when h2 then sends the stream. After
+/// the first GOAWAY of a two-step shutdown (last stream id 2^31-1, as h2's,
+/// Go's and Envoy's servers send) that stream may still be processed, yet
+/// its error reads the same as a refusal, so a non-idempotent request that
+/// waited for a slot at that moment can be sent twice. h2 offers nothing to
+/// tell the two apart; treating every GOAWAY as "may have been processed"
+/// would fail every POST that nginx's one-step GOAWAY refuses.
 fn unprocessed(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| {
+        h2.is_remote()
+            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)))
+    })
+}
+
+/// The h2 error behind a hyper error, if any.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+            return Some(h2);
         }
         source = err.source();
     }
-    false
+    None
 }
 
 /// Whether the app's own request body broke (an invalid chunk size, a client
@@ -416,12 +441,15 @@ fn request_body_failed(e: &hyper::Error) -> bool {
     e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
-/// Whether the upstream connection's dispatch task ended holding the
-/// request, without an answer or an error for it. hyper's HTTP/2 client does
-/// this to a stream that waited for a slot when a GOAWAY comes, even after
-/// sending it. hyper files this as a user error, and offers no predicate.
+/// Whether the upstream connection ended on legate's side holding the
+/// request, without an answer for it. hyper's HTTP/2 client does this to a
+/// stream that waited for a slot when a GOAWAY comes, even after sending it:
+/// its dispatch task ends and drops the request ("dispatch task is gone", a
+/// user error, with no predicate), or, a moment later, h2 closes the
+/// connection with its own GOAWAY and the stream gets that as its error.
 fn dropped(e: &hyper::Error) -> bool {
-    e.is_user() && e.to_string().starts_with("dispatch task is gone")
+    (e.is_user() && e.to_string().starts_with("dispatch task is gone"))
+        || h2_error(e).is_some_and(|h2| h2.is_go_away() && !h2.is_remote())
 }
 
 enum Outcome {
