@@ -705,11 +705,17 @@ fn clean_response_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, false);
 }
 
+/// Hop-by-hop by common use, not by the RFC. Built at compile time: made at
+/// run time, `from_static` parses the name again on every call.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// The hop-by-hop fields (RFC 9110 §7.6.1; `keep-alive` and
-/// `proxy-connection` by common use), in the order of [`Present`]'s bits.
+/// `proxy-connection` by common use), by their bit in `remove_hop_by_hop`.
 fn hop_by_hop(name: &HeaderName) -> Option<u8> {
-    // Standard names compare as an enum tag, so a typical head of a few
-    // fields costs a few integer compares here.
+    // Standard names compare as an enum tag, and a standard name never
+    // equals a custom one, so a typical head of a few fields costs a few
+    // integer compares here.
     if name == header::CONNECTION {
         Some(0)
     } else if name == header::TRANSFER_ENCODING {
@@ -718,9 +724,9 @@ fn hop_by_hop(name: &HeaderName) -> Option<u8> {
         Some(2)
     } else if name == header::UPGRADE {
         Some(3)
-    } else if name.as_str() == "keep-alive" {
+    } else if name == KEEP_ALIVE {
         Some(4)
-    } else if name.as_str() == "proxy-connection" {
+    } else if name == PROXY_CONNECTION {
         Some(5)
     } else {
         None
@@ -762,8 +768,8 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for (bit, name) in [
         (1, header::TRANSFER_ENCODING),
         (2, header::TRAILER),
-        (4, HeaderName::from_static("keep-alive")),
-        (5, HeaderName::from_static("proxy-connection")),
+        (4, KEEP_ALIVE),
+        (5, PROXY_CONNECTION),
     ] {
         if present & (1 << bit) != 0 {
             headers.remove(name);
