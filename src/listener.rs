@@ -398,6 +398,9 @@ impl Accept {
                 // Held for the connection's life: its slot and its fd.
                 let _admitted = (permit, client_fd);
                 tokio::select! {
+                    // The connection first, and no random pick of a first
+                    // branch at each of its wake-ups.
+                    biased;
                     _ = dispatch(client, peer, name.clone(), table, http, upstream_fd) => {}
                     _ = OnWake::new(force_close.cancelled()) => {
                         tracing::debug!(listener = %name, client = %peer, "connection closed by drain timeout");

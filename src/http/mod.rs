@@ -174,7 +174,10 @@ async fn watch<C: Future>(
             _ = stop.cancelled() => None,
         }
     });
+    // `biased`: the connection first, and no random pick of a first branch
+    // at each wake-up.
     tokio::select! {
+        biased;
         _ = served.as_mut() => return true,
         expired = side => match expired {
             // A head that never completes: nothing to be graceful about.

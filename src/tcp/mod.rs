@@ -157,7 +157,10 @@ pub async fn serve(mut client: TcpStream, session: Session) {
             _ = endpoint.retired.cancelled() => "a reload removed its endpoint from the cluster",
         }
     });
+    // `biased` here and in `forward`: the transfer first, and no random pick
+    // of a first branch at each of its wake-ups.
     let forwarded = tokio::select! {
+        biased;
         r = forward(&mut client, &mut upstream, &m.bytes_upstream, &m.bytes_downstream, idle_timeout) => r,
         why = retired => {
             tracing::info!(
@@ -218,6 +221,7 @@ pub async fn forward(
         }
     };
     tokio::select! {
+        biased;
         r = both_ways(client, upstream, up_bytes, down_bytes, activity.as_ref()) => r.map(Ended::Done),
         () = idle => Ok(Ended::Idle),
     }
