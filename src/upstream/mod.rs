@@ -220,14 +220,8 @@ impl Cluster {
     /// cluster's `stop` token, which `retire` cancels (a reload that drops
     /// the cluster; the final table's clusters when the process exits).
     fn spawn_owned(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let stop = self.stop.clone();
         // Owned by the cluster's `stop` token: `retire` ends it.
-        tokio::spawn(async move {
-            tokio::select! {
-                () = task => {}
-                () = stop.cancelled() => {}
-            }
-        });
+        tokio::spawn(self.stop.clone().run_until_cancelled_owned(task));
     }
 
     /// The cluster left the routing table: its background tasks stop now.
