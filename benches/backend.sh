@@ -23,9 +23,11 @@ CONF
   "$@" nginx -p $W/backend -c $W/backend/nginx.conf > $W/backend.log 2>&1 & echo $! > $W/backend.pid
 }
 
-legate_config() { # dir, port: an HTTP listener on $H:port forwarding to the backend $BACK
+legate_config() { # dir, port[, tcp port]: an HTTP (and a TCP) listener on $H forwarding to the backend $BACK
   mkdir -p $1
-  printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\nclusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $H $2 $BACK > $1/bench.yaml
+  { printf 'listeners:\n  - { name: http, listen: "%s:%s", protocol: http, cluster: backend }\n' $H $2
+    [ -z "${3:-}" ] || printf '  - { name: tcp, listen: "%s:%s", cluster: backend }\n' $H $3
+    printf 'clusters:\n  - { name: backend, endpoints: [ "%s" ] }\n' $BACK; } > $1/bench.yaml
 }
 
 training_config() { # dir: TCP on $H:$TCP and HTTP (two routes) on $H:$HTTP to $BACK, for the

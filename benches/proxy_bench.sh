@@ -12,7 +12,8 @@
 # from /proc over the run) per request and per GB can. Proxies alternate
 # within each run, each run starting one proxy later (A B C, B C A, ...),
 # after one uncounted second of each line per proxy; medians with min-max are
-# reported.
+# reported, and legate's ratio to each anchor paired by run (median, min-max,
+# and in how many runs it was at or below the anchor).
 # Needs (Debian): nginx libnginx-mod-stream haproxy wrk iperf3, and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -240,6 +241,23 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
         pt, pc = med([x[0] for x in v])[0], med([x[1] for x in v])[0]
         out.append(f"legate/{p}: throughput {lt/pt:.2f}x, CPU {lc/pc:.2f}x")
     print(f"- {names[t]}: " + "; ".join(out))
+# The same ratios paired by run: each run measures legate and the anchor a few
+# seconds apart, while the VM's speed drifts by tens of per cent over a whole
+# benchmark, so the ratio within a run is steadier than the ratio of medians.
+def paired(t, p, i, f=float):
+    l, v = by.get((t, "legate"), []), by.get((t, p), [])
+    xs = [f(a[i]) / f(b[i]) for a, b in zip(l, v) if "-" not in (a[i], b[i]) and f(b[i]) > 0]
+    if not xs: return None
+    return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f}, ≤ 1 in {sum(x <= 1 for x in xs)} of {len(xs)})"
+for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
+    out = []
+    for p in ["haproxy", "nginx", "nginx_deferred"]:
+        cpu = paired(t, p, 1)
+        if not cpu: continue
+        p99 = paired(t, p, 2, ms) if t != "bulk" else None
+        out.append(f"legate/{p} CPU {cpu}" + (f", p99 {p99}" if p99 else ""))
+    if out:
+        print(f"- {names[t]}, per run: " + "; ".join(out))
 # Where the CPU goes: the user-space part is each proxy's own code, the rest the
 # kernel's socket work.
 for t in ["keepalive", "close_http", "close_tcp"]:
