@@ -479,15 +479,24 @@ async fn send(
                 None => Outcome::Failed(e.into_error()),
             },
         },
-        Sender::H2(mut s) => match s.try_send_request(request).await {
-            Ok(response) => {
-                Outcome::Response(response.map(|b| b.map_err(Into::into).boxed_unsync()))
+        Sender::H2(mut s) => {
+            // Queued, and this clone of the sender let go before the wait.
+            // A request queued just as the connection's dispatcher ends
+            // (a GOAWAY, on another thread) can miss the queue's drain and
+            // stay in it until the last sender is dropped; held across the
+            // wait, this clone kept it there until the route's timeout.
+            let response = s.try_send_request(request);
+            drop(s);
+            match response.await {
+                Ok(response) => {
+                    Outcome::Response(response.map(|b| b.map_err(Into::into).boxed_unsync()))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(request) => Outcome::Unsent(request),
+                    None => Outcome::Failed(e.into_error()),
+                },
             }
-            Err(mut e) => match e.take_message() {
-                Some(request) => Outcome::Unsent(request),
-                None => Outcome::Failed(e.into_error()),
-            },
-        },
+        }
     }
 }
 

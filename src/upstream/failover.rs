@@ -133,7 +133,7 @@ pub async fn connect_http(
             Err(_) => continue,
         };
         let http2 = cluster.spec.http2 || stream.alpn_h2();
-        match Box::pin(handshake(stream, fd, http2, drivers)).await {
+        match Box::pin(handshake(stream, fd, http2, drivers, &endpoint)).await {
             Ok(sender) => {
                 if let Sender::H2(s) = &sender {
                     endpoint.pool.set_h2(s.clone());
@@ -163,15 +163,22 @@ async fn handshake(
     fd: fds::Reserved,
     http2: bool,
     drivers: &Tasks,
+    endpoint: &Arc<Endpoint>,
 ) -> hyper::Result<Sender> {
     let io = TokioIo::new(stream);
     if http2 {
         let (sender, conn) = http2::Builder::new(drivers.clone())
             .handshake::<_, ProxyBody>(io)
             .await?;
+        let endpoint = Arc::downgrade(endpoint);
         drivers.spawn(async move {
             let _fd = fd;
             let _ = conn.await;
+            // The pool's sender would keep a request queued at the very end
+            // (see `send` in http/proxy.rs) until the next request replaced it.
+            if let Some(endpoint) = endpoint.upgrade() {
+                endpoint.pool.forget_closed_h2();
+            }
         });
         Ok(Sender::H2(sender))
     } else {

@@ -103,6 +103,12 @@ impl Pool {
         self.h2.store(None);
     }
 
+    /// Lets the shared HTTP/2 connection go if its dispatcher has ended.
+    pub fn forget_closed_h2(&self) {
+        self.h2
+            .rcu(|s| s.as_ref().filter(|s| !s.is_closed()).cloned());
+    }
+
     /// Closes every idle connection (the way to connect changed).
     pub fn clear(&self) {
         self.expire(u64::MAX);
