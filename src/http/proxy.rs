@@ -360,27 +360,23 @@ async fn forward(
                     endpoint: labels.1,
                 };
             }
-            Outcome::Failed(e)
-                if (unprocessed(&e) || (dropped(&e) && idempotent))
-                    && parts.is_some()
-                    && unprocessed_left > 0
-                    && (replayable || replay.as_ref().is_some_and(Replay::can_repeat)) =>
-            {
-                // Never processed (RFC 9113 §8.7): safe to send again for any
-                // method, on a new connection; this one takes no new streams.
-                // Dropped by a closing connection, it may have left: only a
-                // method safe to repeat goes again (RFC 9110 §9.2.2).
-                if unprocessed(&e) {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
-                        "upstream refused the request unprocessed; sending it again");
-                } else {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e,
-                        "upstream connection ended holding the request; sending it again (safe to repeat)");
-                }
-                endpoint.pool.forget_h2();
-                unprocessed_left -= 1;
-            }
             Outcome::Failed(e) => {
+                let again = resend_unspent(&e, idempotent).filter(|_| {
+                    parts.is_some()
+                        && unprocessed_left > 0
+                        && (replayable || replay.as_ref().is_some_and(Replay::can_repeat))
+                });
+                if let Some(why) = again {
+                    // Never processed (RFC 9113 §8.7): safe to send again for
+                    // any method, on a new connection; this one takes no new
+                    // streams. Dropped by a closing connection, it may have
+                    // left: only a method safe to repeat goes again (RFC 9110
+                    // §9.2.2).
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e, "{why}");
+                    endpoint.pool.forget_h2();
+                    unprocessed_left -= 1;
+                    continue;
+                }
                 tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.label, error = %e, "upstream request failed");
                 if idempotent && replayable && retries_left > 0 && route.budget.withdraw() {
                     retries_left -= 1;
@@ -398,6 +394,19 @@ async fn forward(
 
 /// How many times a request refused unprocessed is sent again.
 const UNPROCESSED_RETRIES: u32 = 3;
+
+/// Why a failed request may go again without spending a retry, if it may:
+/// the upstream refused it unprocessed, or (for a method safe to repeat) the
+/// connection ended holding it.
+fn resend_unspent(e: &hyper::Error, idempotent: bool) -> Option<&'static str> {
+    if unprocessed(e) {
+        Some("upstream refused the request unprocessed; sending it again")
+    } else if idempotent && dropped(e) {
+        Some("upstream connection ended holding the request; sending it again (safe to repeat)")
+    } else {
+        None
+    }
+}
 
 /// Whether an HTTP/2 upstream refused the stream before processing it: a
 /// graceful GOAWAY (NO_ERROR) from the upstream reaching a stream means its

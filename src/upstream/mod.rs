@@ -216,11 +216,10 @@ impl Cluster {
         self.spawn_owned(pool::expire(Arc::downgrade(self)));
     }
 
-    /// Runs `task` until it ends or the cluster is retired: owned by the
-    /// cluster's `stop` token, which `retire` cancels (a reload that drops
-    /// the cluster; the final table's clusters when the process exits).
+    /// Runs `task` until it ends or the cluster is retired (a reload that
+    /// drops the cluster; the final table's clusters when the process exits).
     fn spawn_owned(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        // Owned by the cluster's `stop` token: `retire` ends it.
+        // Owned by the cluster's `stop` token, which `retire` cancels.
         tokio::spawn(self.stop.clone().run_until_cancelled_owned(task));
     }
 
