@@ -40,8 +40,13 @@ BACK=$H:31080 IPERF_PORT=31201
 # Per proxy: HTTP port, TCP-to-nginx port, TCP-to-iperf port.
 # nginx_deferred: nginx with `listen ... deferred` (TCP_DEFER_ACCEPT, which
 # legate's HTTP listeners set), measured on the new-connection HTTP line.
+# nginx_half_close: nginx's stream proxy with `proxy_half_close on`, measured
+# on the new-connection TCP line. legate and HAProxy pass the first FIN on and
+# keep the other direction open until it ends too; nginx by default closes
+# both sides at the first EOF, which is less work per connection and loses the
+# answer to a client that half-closes after its request.
 declare -A HTTP=([legate]=31101 [haproxy]=31111 [nginx]=31121 [nginx_deferred]=31141 [direct]=31080)
-declare -A TCP=([legate]=31102 [haproxy]=31112 [haproxy_splice]=31132 [nginx]=31122 [direct]=31080)
+declare -A TCP=([legate]=31102 [haproxy]=31112 [haproxy_splice]=31132 [nginx]=31122 [nginx_half_close]=31142 [direct]=31080)
 declare -A BULK=([legate]=31103 [haproxy]=31113 [haproxy_splice]=31133 [nginx]=31123 [direct]=$IPERF_PORT)
 declare -A PID
 
@@ -65,6 +70,8 @@ ngx nginx "load_module /usr/lib/nginx/modules/ngx_stream_module.so;" \
   "$(ngx_http_proxy "$H:${HTTP[nginx]} backlog=4096")" \
   "stream { server { listen $H:${TCP[nginx]} backlog=4096; proxy_pass $BACK; } server { listen $H:${BULK[nginx]}; proxy_pass $H:$IPERF_PORT; } }"
 ngx nginx_deferred "" "$(ngx_http_proxy "$H:${HTTP[nginx_deferred]} backlog=4096 deferred")" ""
+ngx nginx_half_close "load_module /usr/lib/nginx/modules/ngx_stream_module.so;" "" \
+  "stream { server { listen $H:${TCP[nginx_half_close]} backlog=4096; proxy_pass $BACK; proxy_half_close on; } }"
 
 hap() { # name, extra defaults options, ports...
   cat > $W/$1.cfg <<CFG
@@ -127,8 +134,10 @@ start haproxy 1 haproxy -f $W/haproxy.cfg -db
 start haproxy_splice 1 haproxy -f $W/haproxy_splice.cfg -db
 start nginx 1 nginx -p $W/nginx -c $W/nginx/nginx.conf
 start nginx_deferred 1 nginx -p $W/nginx_deferred -c $W/nginx_deferred/nginx.conf
+start nginx_half_close 1 nginx -p $W/nginx_half_close -c $W/nginx_half_close/nginx.conf
 for i in $(seq 100); do
   ok=1; for p in legate haproxy nginx nginx_deferred direct; do curl -fs -o /dev/null http://$H:${HTTP[$p]}/ || ok=0; done
+  for p in legate haproxy haproxy_splice nginx nginx_half_close; do curl -fs -o /dev/null http://$H:${TCP[$p]}/ || ok=0; done
   [ $ok = 1 ] && break; sleep 0.1
 done
 [ $ok = 1 ] || { tail $W/*.log; echo "proxies did not start" >&2; exit 1; }
@@ -182,7 +191,7 @@ if [ $SMOKE = 0 ]; then
     taskset -c 0 wrk -t1 -c50 -d1s http://$H:${HTTP[$p]}/ > /dev/null 2>&1
     taskset -c 0 wrk -t1 -c50 -d1s -H "Connection: close" http://$H:${HTTP[$p]}/ > /dev/null 2>&1
   done
-  for p in legate haproxy haproxy_splice nginx; do
+  for p in legate haproxy haproxy_splice nginx nginx_half_close; do
     taskset -c 0 wrk -t1 -c50 -d1s -H "Connection: close" http://$H:${TCP[$p]}/ > /dev/null 2>&1
   done
 fi
@@ -190,7 +199,7 @@ for run in $(seq $RUNS); do
   echo "run $run/$RUNS" >&2
   for p in $(rotate $run legate haproxy nginx direct); do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
   for p in $(rotate $run legate haproxy nginx nginx_deferred direct); do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
-  for p in $(rotate $run legate haproxy haproxy_splice nginx direct); do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
+  for p in $(rotate $run legate haproxy haproxy_splice nginx nginx_half_close direct); do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
   for p in $(rotate $run legate haproxy haproxy_splice nginx direct); do bulk_run $p; done
 done
 
@@ -218,7 +227,7 @@ print(f"Runs: {runs} x {dur} s per line, medians (min-max). Proxy pinned to CPU 
 print("| test | proxy | throughput | proxy CPU | p99 | peak RSS |")
 print("| --- | --- | --- | --- | --- | --- |")
 for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
-    for p in ["legate", "haproxy", "haproxy_splice", "nginx", "nginx_deferred", "direct"]:
+    for p in ["legate", "haproxy", "haproxy_splice", "nginx", "nginx_deferred", "nginx_half_close", "direct"]:
         v = by.get((t, p))
         if not v: continue
         thr, cpu = med([x[0] for x in v]), med([x[1] for x in v])
@@ -235,7 +244,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
     if not l: continue
     lt, lc = med([x[0] for x in l])[0], med([x[1] for x in l])[0]
     out = []
-    for p in ["haproxy", "haproxy_splice", "nginx", "nginx_deferred"]:
+    for p in ["haproxy", "haproxy_splice", "nginx", "nginx_deferred", "nginx_half_close"]:
         v = by.get((t, p))
         if not v: continue
         pt, pc = med([x[0] for x in v])[0], med([x[1] for x in v])[0]
@@ -251,7 +260,7 @@ def paired(t, p, i, f=float):
     return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f}, ≤ 1 in {sum(x <= 1 for x in xs)} of {len(xs)})"
 for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
     out = []
-    for p in ["haproxy", "nginx", "nginx_deferred"]:
+    for p in ["haproxy", "nginx", "nginx_deferred", "nginx_half_close"]:
         cpu = paired(t, p, 1)
         if not cpu: continue
         p99 = paired(t, p, 2, ms) if t != "bulk" else None
@@ -262,7 +271,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
 # kernel's socket work.
 for t in ["keepalive", "close_http", "close_tcp"]:
     out = []
-    for p in ["legate", "haproxy", "nginx", "nginx_deferred"]:
+    for p in ["legate", "haproxy", "nginx", "nginx_deferred", "nginx_half_close"]:
         v = by.get((t, p))
         if v:
             user, total = med([x[4] for x in v])[0], med([x[1] for x in v])[0]
