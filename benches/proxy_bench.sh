@@ -13,7 +13,8 @@
 # within each run, each run starting one proxy later (A B C, B C A, ...),
 # after one uncounted second of each line per proxy; medians with min-max are
 # reported, and legate's ratio to each anchor paired by run (median, min-max,
-# and in how many runs it was at or below the anchor).
+# and in how many runs it was at or below the anchor). It also reports which TCP
+# listeners answer a client that half-closes after its request.
 # Needs (Debian): nginx libnginx-mod-stream haproxy wrk iperf3, and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -184,6 +185,26 @@ bulk_run() { # proxy
 rotate() { local k=$(( $1 % ($# - 1) )); shift; echo "${@:k+1}" "${@:1:k}"; }
 
 for p in legate haproxy nginx; do echo -e "idle\t$p\t-\t-\t-\t$(rss_kb $p)\t-" >> $R; done
+# What the TCP listeners do with a client that sends its request and then
+# half-closes (shutdown SHUT_WR): answer it, or close at its FIN.
+python3 - $H legate=${TCP[legate]} haproxy=${TCP[haproxy]} nginx=${TCP[nginx]} \
+  nginx_half_close=${TCP[nginx_half_close]} > $W/half_close.txt <<'PY'
+import socket, sys
+answered = []
+for arg in sys.argv[2:]:
+    name, port = arg.split("=")
+    data = b""
+    with socket.create_connection((sys.argv[1], int(port)), timeout=2) as s:
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(4096):
+                data += chunk
+        except OSError:
+            pass
+    answered.append(f"{name} {'yes' if data.startswith(b'HTTP/1.1 200') else 'no'}")
+print("- TCP listener answers a client that half-closes after its request: " + ", ".join(answered))
+PY
 if [ $SMOKE = 0 ]; then
   # One second of each line per proxy, not counted: the first measured run
   # should not be the one that maps the code and grows the heap.
@@ -281,3 +302,4 @@ for t in ["keepalive", "close_http", "close_tcp"]:
 idle = {p: int(v[0][3]) for (t, p), v in by.items() if t == "idle"}
 print(f"- idle RSS: " + ", ".join(f"{p} {kb/1024:.1f} MB" for p, kb in idle.items()))
 PY
+cat $W/half_close.txt
