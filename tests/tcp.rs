@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 use support::backends::Backend;
 use support::{DEADLINE, Legate, refused_addr, wait_until};
 
@@ -84,6 +86,89 @@ fn copy_path_and_splice_path_agree() {
         assert_eq!(received.expect("a FIN, not a reset"), 100_000, "{path}");
         let uses_splice = legate.logs().iter().any(|l| l.contains("uses splice(2)"));
         assert_eq!(uses_splice, path == "splice", "{path}");
+    }
+}
+
+/// 1. Echo backend behind legate.
+/// 2. One message at a time, each echoed before the next goes: sizes from one
+///    byte to 300 KB, on both sides of the 16 KiB up to which legate copies a
+///    read instead of splicing it, so each direction switches both ways.
+/// 3. Every echo equals its message, and the byte counters saw them all.
+#[test]
+fn small_and_large_messages_one_at_a_time() {
+    let echo = Backend::echo();
+    let legate = Legate::start(&one_listener(&[echo.addr.to_string()]));
+    let mut client = connect(&legate);
+    let sizes = [
+        1, 100, 16_383, 16_384, 16_385, 7, 40_000, 2, 300_000, 512, 16_384, 3,
+    ];
+    let mut total = 0;
+    for round in 0..20 {
+        for (i, &size) in sizes.iter().enumerate() {
+            let message: Vec<u8> = (0..size).map(|b| (b + i + round) as u8).collect();
+            let mut writer = client.try_clone().unwrap();
+            let to_send = message.clone();
+            // Written on another thread: a 300 KB echo would fill both
+            // directions' buffers before this thread starts reading.
+            let sender = std::thread::spawn(move || writer.write_all(&to_send).unwrap());
+            let mut echoed = vec![0u8; size];
+            client.read_exact(&mut echoed).unwrap();
+            sender.join().unwrap();
+            assert!(echoed == message, "round {round}, message of {size} bytes");
+            total += size;
+        }
+    }
+    let total = total as f64;
+    wait_until("byte counters", || {
+        legate.metric(r#"legate_bytes_total{direction="upstream",listener="app"}"#) == total
+            && legate.metric(r#"legate_bytes_total{direction="downstream",listener="app"}"#)
+                == total
+    });
+}
+
+/// 1. The backend sends 768 numbered 12 KiB messages, one per millisecond, so
+///    legate reads them one by one (copied, not spliced).
+/// 2. The client has a 4 KiB receive buffer and reads nothing until the
+///    backend has sent half of them (4.5 MiB, more than a socket's send buffer
+///    can grow to, 4 MiB here): legate's socket to the client fills, and what
+///    legate read but could not send yet waits in its pipe.
+/// 3. The client then gets all of them in order, and the backend's FIN.
+#[test]
+fn a_client_that_reads_late_gets_every_small_message_in_order() {
+    const MESSAGES: usize = 768;
+    const SIZE: usize = 12 * 1024;
+    let (half_sent, halfway) = std::sync::mpsc::channel();
+    let backend = Backend::serve(move |mut s: tokio::net::TcpStream| {
+        let half_sent = half_sent.clone();
+        async move {
+            s.set_nodelay(true).unwrap();
+            for i in 0..MESSAGES {
+                if s.write_all(&[i as u8; SIZE]).await.is_err() {
+                    return;
+                }
+                if i == MESSAGES / 2 {
+                    let _ = half_sent.send(());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let _ = s.shutdown().await;
+        }
+    });
+    let legate = Legate::start(&one_listener(&[backend.addr.to_string()]));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&legate.addr("app").into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+
+    halfway
+        .recv_timeout(DEADLINE)
+        .expect("the backend sends half");
+    let mut received = Vec::new();
+    client.read_to_end(&mut received).unwrap();
+    assert_eq!(received.len(), MESSAGES * SIZE);
+    for (i, message) in received.chunks(SIZE).enumerate() {
+        assert!(message.iter().all(|&b| b == i as u8), "message {i}");
     }
 }
 

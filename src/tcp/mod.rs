@@ -1,8 +1,8 @@
 //! Layer-4 sessions: connect the app's connection to its route's upstream and
 //! forward bytes both ways until both sides are done, with half-close kept.
-//! Plain TCP on Linux goes through [`splice`] (zero-copy); TLS upstreams, and
-//! kernels without splice (or a moment without fds for pipes), copy through a
-//! user-space buffer.
+//! Plain TCP on Linux goes through [`splice`] (zero-copy for bulk, small
+//! messages copied on the stack); TLS upstreams, and kernels without splice
+//! (or a moment without fds for pipes), copy through a user-space buffer.
 //!
 //! When one side sends FIN, the other side's write half is shut down and the
 //! reverse direction keeps flowing, so clients that `shutdown(SHUT_WR)` and then
@@ -239,14 +239,22 @@ async fn both_ways(
         && splice_works(client)
         && let Some((up_pipe, down_pipe)) = splice::Pipe::pair()
     {
-        let (client, upstream) = (&*client, &*upstream);
+        let (client_r, client_w) = client.split();
+        let (upstream_r, upstream_w) = upstream.split();
         // Both sockets close as soon as this returns (`serve` drops them).
         let directions = splice::Directions::default();
         let (up, down) = tokio::try_join!(
-            splice::pipe(client, upstream, up_pipe, up_bytes, activity, &directions),
             splice::pipe(
-                upstream,
-                client,
+                client_r,
+                upstream_w,
+                up_pipe,
+                up_bytes,
+                activity,
+                &directions
+            ),
+            splice::pipe(
+                upstream_r,
+                client_w,
                 down_pipe,
                 down_bytes,
                 activity,
