@@ -215,12 +215,18 @@ if [ $SMOKE = 0 ]; then
   for p in legate haproxy haproxy_splice nginx nginx_half_close; do
     taskset -c 0 wrk -t1 -c50 -d1s -H "Connection: close" http://$H:${TCP[$p]}/ > /dev/null 2>&1
   done
+  for p in legate haproxy nginx; do
+    taskset -c 0 wrk -t1 -c50 -d1s http://$H:${TCP[$p]}/ > /dev/null 2>&1
+  done
 fi
 for run in $(seq $RUNS); do
   echo "run $run/$RUNS" >&2
   for p in $(rotate $run legate haproxy nginx direct); do wrk_run keepalive $p http://$H:${HTTP[$p]}/; done
   for p in $(rotate $run legate haproxy nginx nginx_deferred direct); do wrk_run close_http $p http://$H:${HTTP[$p]}/ -H "Connection: close"; done
   for p in $(rotate $run legate haproxy haproxy_splice nginx nginx_half_close direct); do wrk_run close_tcp $p http://$H:${TCP[$p]}/ -H "Connection: close"; done
+  # Small messages on long-lived connections (what a database or broker
+  # client sends), through the TCP listeners.
+  for p in $(rotate $run legate haproxy nginx direct); do wrk_run keepalive_tcp $p http://$H:${TCP[$p]}/; done
   for p in $(rotate $run legate haproxy haproxy_splice nginx direct); do bulk_run $p; done
 done
 
@@ -241,13 +247,15 @@ def ms(x):
     if x.endswith("s"): return float(x[:-1]) * 1000
     return float("nan")
 units = {"keepalive": ("req/s", "µs CPU/req"), "close_http": ("req/s", "µs CPU/req"),
-         "close_tcp": ("req/s", "µs CPU/req"), "bulk": ("Gbit/s", "ms CPU/GB")}
+         "close_tcp": ("req/s", "µs CPU/req"), "keepalive_tcp": ("req/s", "µs CPU/req"),
+         "bulk": ("Gbit/s", "ms CPU/GB")}
 names = {"keepalive": "HTTP/1.1 keep-alive (wrk -c50)", "close_http": "new connection per request, HTTP listener",
-         "close_tcp": "new connection per request, TCP listener", "bulk": "TCP bulk, iperf3 --bidir"}
+         "close_tcp": "new connection per request, TCP listener",
+         "keepalive_tcp": "HTTP/1.1 keep-alive through the TCP listener (wrk -c50)", "bulk": "TCP bulk, iperf3 --bidir"}
 print(f"Runs: {runs} x {dur} s per line, medians (min-max). Proxy pinned to CPU 1, load and backends to CPU 0.\n")
 print("| test | proxy | throughput | proxy CPU | p99 | peak RSS |")
 print("| --- | --- | --- | --- | --- | --- |")
-for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
+for t in ["keepalive", "close_http", "close_tcp", "keepalive_tcp", "bulk"]:
     for p in ["legate", "haproxy", "haproxy_splice", "nginx", "nginx_deferred", "nginx_half_close", "direct"]:
         v = by.get((t, p))
         if not v: continue
@@ -260,7 +268,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
         print(f"| {names[t]} | {p} | {thr[0]:,.{2 if t=='bulk' else 0}f} {u[0]} ({thr[1]:,.{2 if t=='bulk' else 0}f}-{thr[2]:,.{2 if t=='bulk' else 0}f}) | {cpu_s} | {p99} | {rss/1024:.1f} MB |" if p != "direct" else
               f"| {names[t]} | direct (ceiling) | {thr[0]:,.{2 if t=='bulk' else 0}f} {u[0]} | - | {p99} | - |")
 print()
-for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
+for t in ["keepalive", "close_http", "close_tcp", "keepalive_tcp", "bulk"]:
     l = by.get((t, "legate"))
     if not l: continue
     lt, lc = med([x[0] for x in l])[0], med([x[1] for x in l])[0]
@@ -279,7 +287,7 @@ def paired(t, p, i, f=float):
     xs = [f(a[i]) / f(b[i]) for a, b in zip(l, v) if "-" not in (a[i], b[i]) and f(b[i]) > 0]
     if not xs: return None
     return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f}, ≤ 1 in {sum(x <= 1 for x in xs)} of {len(xs)})"
-for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
+for t in ["keepalive", "close_http", "close_tcp", "keepalive_tcp", "bulk"]:
     out = []
     for p in ["haproxy", "nginx", "nginx_deferred", "nginx_half_close"]:
         cpu = paired(t, p, 1)
@@ -290,7 +298,7 @@ for t in ["keepalive", "close_http", "close_tcp", "bulk"]:
         print(f"- {names[t]}, per run: " + "; ".join(out))
 # Where the CPU goes: the user-space part is each proxy's own code, the rest the
 # kernel's socket work.
-for t in ["keepalive", "close_http", "close_tcp"]:
+for t in ["keepalive", "close_http", "close_tcp", "keepalive_tcp"]:
     out = []
     for p in ["legate", "haproxy", "nginx", "nginx_deferred", "nginx_half_close"]:
         v = by.get((t, p))
