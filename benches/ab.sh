@@ -36,11 +36,12 @@ run() { # variant, port, extra wrk args -> µs CPU per request
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for test in ${TESTS:-keepalive close}; do
   args=(); case $test in *close) args=(-H "Connection: close") ;; esac
-  declare -n ports=PORT; case $test in tcp_*) declare -n ports=TCP ;; esac
+  port_a=${PORT[a]} port_b=${PORT[b]}
+  case $test in tcp_*) port_a=${TCP[a]} port_b=${TCP[b]} ;; esac
   : > $W/$test.a; : > $W/$test.b
   for r in $(seq $ROUNDS); do
-    run a ${ports[a]} "${args[@]}" >> $W/$test.a
-    run b ${ports[b]} "${args[@]}" >> $W/$test.b
+    run a $port_a "${args[@]}" >> $W/$test.a
+    run b $port_b "${args[@]}" >> $W/$test.b
   done
   ma=$(median < $W/$test.a); mb=$(median < $W/$test.b)
   echo "$test: A $ma µs CPU/req (runs: $(tr '\n' ' ' < $W/$test.a)), B $mb µs CPU/req (runs: $(tr '\n' ' ' < $W/$test.b)), B/A $(awk -v a=$ma -v b=$mb 'BEGIN {printf "%.3f", b/a}')"

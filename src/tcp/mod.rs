@@ -248,16 +248,14 @@ async fn both_ways(
                 client_r,
                 upstream_w,
                 up_pipe,
-                up_bytes,
-                activity,
+                Tally::new(up_bytes, activity),
                 &directions
             ),
             splice::pipe(
                 upstream_r,
                 client_w,
                 down_pipe,
-                down_bytes,
-                activity,
+                Tally::new(down_bytes, activity),
                 &directions
             ),
         )?;
@@ -271,8 +269,16 @@ async fn both_ways(
         UpstreamStream::Plain(upstream) => {
             let (mut upstream_r, mut upstream_w) = upstream.split();
             tokio::try_join!(
-                pipe(&mut client_r, &mut upstream_w, up_bytes, activity),
-                pipe(&mut upstream_r, &mut client_w, down_bytes, activity),
+                pipe(
+                    &mut client_r,
+                    &mut upstream_w,
+                    Tally::new(up_bytes, activity)
+                ),
+                pipe(
+                    &mut upstream_r,
+                    &mut client_w,
+                    Tally::new(down_bytes, activity)
+                ),
             )?
         }
         UpstreamStream::Tls(tls) => {
@@ -280,8 +286,16 @@ async fn both_ways(
             // with tokio's lock-based halves.
             let (mut upstream_r, mut upstream_w) = tokio::io::split(tls.as_mut());
             tokio::try_join!(
-                pipe(&mut client_r, &mut upstream_w, up_bytes, activity),
-                pipe(&mut upstream_r, &mut client_w, down_bytes, activity),
+                pipe(
+                    &mut client_r,
+                    &mut upstream_w,
+                    Tally::new(up_bytes, activity)
+                ),
+                pipe(
+                    &mut upstream_r,
+                    &mut client_w,
+                    Tally::new(down_bytes, activity)
+                ),
             )?
         }
     };
@@ -292,18 +306,12 @@ async fn both_ways(
 }
 
 /// Copies `from` to `to` until EOF, then shuts down `to`'s write side (sends FIN).
-async fn pipe<R, W>(
-    from: &mut R,
-    to: &mut W,
-    counter: &IntCounter,
-    activity: Option<&Activity>,
-) -> io::Result<u64>
+async fn pipe<R, W>(from: &mut R, to: &mut W, mut moved: Tally<'_>) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF_SIZE];
-    let mut total = 0u64;
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
@@ -312,12 +320,36 @@ where
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 other => other?,
             }
-            return Ok(total);
+            return Ok(moved.total);
         }
         to.write_all(&buf[..n]).await?;
-        total += n as u64;
-        counter.inc_by(n as u64);
-        if let Some(a) = activity {
+        moved.add(n);
+    }
+}
+
+/// Bytes one direction delivered to its destination, counted as they go.
+struct Tally<'a> {
+    total: u64,
+    counter: &'a IntCounter,
+    activity: Option<&'a Activity>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(counter: &'a IntCounter, activity: Option<&'a Activity>) -> Self {
+        Tally {
+            total: 0,
+            counter,
+            activity,
+        }
+    }
+
+    fn add(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.total += n as u64;
+        self.counter.inc_by(n as u64);
+        if let Some(a) = self.activity {
             a.touch();
         }
     }

@@ -21,19 +21,18 @@
 //! sockets close, so the peer sees a reset, not a silent gap.
 #![allow(unsafe_code)]
 
-use std::io;
+use std::io::{self, PipeWriter, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
-use prometheus::IntCounter;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use super::Activity;
+use super::Tally;
 use crate::fds;
 
 /// Bytes moved per `splice` call; the pipe is grown to hold it.
@@ -60,7 +59,7 @@ fn pool_size() -> usize {
 /// A pipe pair used as the in-kernel buffer of one direction.
 pub struct Pipe {
     read: OwnedFd,
-    write: OwnedFd,
+    write: PipeWriter,
     /// Its two fds in the data path's budget.
     _fds: fds::Reserved,
 }
@@ -100,7 +99,7 @@ impl Pipe {
         unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
         Ok(Pipe {
             read,
-            write,
+            write: PipeWriter::from(write),
             _fds: reserved,
         })
     }
@@ -171,18 +170,12 @@ pub async fn pipe(
     mut from: ReadHalf<'_>,
     to: WriteHalf<'_>,
     pipe: Pipe,
-    counter: &IntCounter,
-    activity: Option<&Activity>,
+    mut moved: Tally<'_>,
     directions: &Directions,
 ) -> io::Result<u64> {
     let to = to.as_ref();
     // On error or cancellation the pipe may hold bytes: it is dropped (closed),
     // never pooled.
-    let mut moved = Tally {
-        total: 0,
-        counter,
-        activity,
-    };
     let mut splicing = false;
     loop {
         let read = if splicing {
@@ -230,26 +223,6 @@ pub async fn pipe(
     }
 }
 
-/// Bytes delivered to the destination, counted as they go.
-struct Tally<'a> {
-    total: u64,
-    counter: &'a IntCounter,
-    activity: Option<&'a Activity>,
-}
-
-impl Tally<'_> {
-    fn add(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.total += n as u64;
-        self.counter.inc_by(n as u64);
-        if let Some(a) = self.activity {
-            a.touch();
-        }
-    }
-}
-
 /// One read, and what of it went out: `n` bytes read, `pending` of them in the
 /// pipe still to be drained into the destination.
 struct Read {
@@ -281,15 +254,11 @@ fn copy(
     };
     let rest = &data[sent..];
     if !rest.is_empty() {
-        // SAFETY: `rest` is initialised memory of `rest.len()` bytes, and the
-        // pipe's write end is open while `pipe` is borrowed.
-        let put = unsafe { libc::write(pipe.write.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
-        if put < 0 {
-            return Poll::Ready(Err(io::Error::last_os_error()));
-        }
         // An empty pipe holds 64 KiB at least: a short write cannot happen.
-        if put as usize != rest.len() {
-            return Poll::Ready(Err(io::Error::other("pipe took part of a copied read")));
+        match (&pipe.write).write(rest) {
+            Ok(put) if put == rest.len() => {}
+            Ok(_) => return Poll::Ready(Err(io::Error::other("pipe took part of a copied read"))),
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
     Poll::Ready(Ok(Some(Read {
